@@ -1,0 +1,140 @@
+"""Training losses: semantic cross-entropy and the CLIP consistency loss, with its weight schedule.
+
+The CLIP consistency loss carries the seed's stability fixes: cosines clamped to [-1, 1] (the
+fused features were clamped before pooling, in model.fusion.pool_views), a temperature floor
+of 0.1, `-logsigmoid` instead of `log(sigmoid + eps)`, eps in the normalisation, and views that
+see no point left out instead of producing a 0/0 mean.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from model.batch import IGNORE_INDEX, PointBatch
+from model.fusion import ModelOutput
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CLIP_SCHEDULE = ((0, 0.0), (11, 0.001), (21, 0.01))
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss terms and weights.
+
+    semantic_weight: weight of the semantic cross-entropy.
+    clip_schedule: (first epoch, weight) steps of the CLIP consistency weight, by first epoch.
+    temperature: CLIP logit temperature; raised to temperature_floor if below it.
+    temperature_floor: the smallest temperature used (0.07 scales cosines by 14x, 0.1 by 10x).
+    logit_bias: added to the scaled cosines (SigLIP's bias; 0 keeps the loss symmetric).
+    eps: normalisation epsilon of the embeddings.
+    """
+
+    semantic_weight: float = 1.0
+    clip_schedule: tuple[tuple[int, float], ...] = DEFAULT_CLIP_SCHEDULE
+    temperature: float = 0.1
+    temperature_floor: float = 0.1
+    logit_bias: float = 0.0
+    eps: float = 1e-6
+
+
+def semantic_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Mean cross-entropy over labelled points; 0 (still in the graph) if none is labelled.
+
+    logits: (P, K) float. target: (P,) int64 in [0, K) or IGNORE_INDEX.
+    """
+    if not bool((target != IGNORE_INDEX).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX)
+
+
+def effective_temperature(temperature: float | Tensor, floor: float = 0.1) -> float | Tensor:
+    """The temperature the loss uses: max(temperature, floor); a tensor stays a tensor."""
+    if isinstance(temperature, Tensor):
+        return temperature.clamp_min(floor)
+    return max(float(temperature), floor)
+
+
+def clip_consistency_loss(
+    view_embed: Tensor,
+    view_global: Tensor,
+    view_point_count: Tensor,
+    temperature: float | Tensor = 0.1,
+    temperature_floor: float = 0.1,
+    logit_bias: float = 0.0,
+    eps: float = 1e-6,
+) -> Tensor:
+    """SigLIP-style loss between pooled fused features and cached global CLIP embeddings.
+
+    view_embed: (V, D) float, clip_proj of each view's pooled fused features.
+    view_global: (V, D) float, each view's cached global CLIP embedding (any norm).
+    view_point_count: (V,) int64, points each view sees; views with 0 are left out.
+    Over the U used views: logits = cos(embed_i, global_j) / T + bias, and the loss is the mean
+    over all U x U pairs of -logsigmoid(s_ij logits_ij), s = +1 on i == j, -1 elsewhere.
+    Returns a float32 scalar; 0 with no usable view.
+    """
+    used = view_point_count > 0
+    if not bool(used.any()):
+        return view_embed.new_zeros((), dtype=torch.float32)
+    with torch.autocast(view_embed.device.type, enabled=False):
+        embed = F.normalize(view_embed[used].float(), dim=1, eps=eps)
+        target = F.normalize(view_global[used].float(), dim=1, eps=eps)
+        cosine = (embed @ target.T).clamp(-1.0, 1.0)
+        logits = cosine / effective_temperature(temperature, temperature_floor) + logit_bias
+        sign = 2.0 * torch.eye(len(logits), device=logits.device) - 1.0
+        return -F.logsigmoid(sign * logits).mean()
+
+
+def clip_weight_schedule(epoch: int,
+                         schedule: Sequence[tuple[int, float]] = DEFAULT_CLIP_SCHEDULE) -> float:
+    """Weight of the CLIP consistency loss at `epoch` (0-based), piecewise constant.
+
+    schedule: (first epoch, weight) steps; the last step whose first epoch is <= epoch holds.
+    Before the first step the weight is 0. The default: epochs 0-10 -> 0, 11-20 -> 0.001,
+    21 on -> 0.01.
+    """
+    weight = 0.0
+    for first_epoch, step_weight in sorted(schedule):
+        if epoch >= first_epoch:
+            weight = step_weight
+    return weight
+
+
+def finite_or_skip(loss: Tensor) -> bool:
+    """True if every element of `loss` is finite (step on); False: skip the step and count it.
+
+    On a GPU this synchronises once (one bool); call it once per step, on the total.
+    """
+    finite = bool(torch.isfinite(loss).all())
+    if not finite:
+        log.debug("non-finite loss %s", loss.detach().cpu())
+    return finite
+
+
+def compute_losses(output: ModelOutput, batch: PointBatch, epoch: int,
+                   cfg: LossConfig = LossConfig()) -> dict[str, Tensor]:
+    """Each loss term and the weighted total, all scalar tensors on the batch's device.
+
+    Keys: "semantic", "clip" (unweighted), "clip_weight" (the schedule's value), "total".
+    The CLIP term enters the total only when its weight is > 0, so a non-finite CLIP term
+    during the warm-up cannot poison the step.
+    """
+    semantic = semantic_loss(output.semantic_logits, batch.semantic)
+    clip = clip_consistency_loss(output.view_embed, batch.view_global, output.view_point_count,
+                                 cfg.temperature, cfg.temperature_floor, cfg.logit_bias, cfg.eps)
+    clip_weight = clip_weight_schedule(epoch, cfg.clip_schedule)
+    total = cfg.semantic_weight * semantic
+    if clip_weight > 0:
+        total = total + clip_weight * clip
+    return {
+        "semantic": semantic,
+        "clip": clip,
+        "clip_weight": torch.tensor(clip_weight, device=semantic.device),
+        "total": total,
+    }
