@@ -35,7 +35,7 @@ class Preprocess:
 
     def resized(self, color: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 RGB -> (3, H_in, W_in) float32 in [0, 1], not normalised."""
-        image = torch.from_numpy(np.ascontiguousarray(color)).permute(2, 0, 1)[None].float() / 255
+        image = torch.from_numpy(np.require(color, requirements=["C", "W"])).permute(2, 0, 1)[None].float() / 255
         (color_h, color_w), (input_h, input_w) = color.shape[:2], self.input_size
         if self.resize == "squash":
             out = F.interpolate(image, size=(input_h, input_w), mode="bicubic",

@@ -1,0 +1,186 @@
+"""Stage 1's work for one scene: decode frames, run the frozen encoder, write the store.
+
+Three things run at once so that the model is the bottleneck: a thread pool decodes and
+resizes the next frames (JPEG, PNG, pose text -> model input) while the model encodes the
+current batch, and a writer thread puts the previous batch into the store. Plain functions, no Prefect: flows/ wraps them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pipeline.scenes import Frame, Scene, SceneError
+from storage.store import FeatureStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SceneReport:
+    """What one scene's extraction did, in user terms."""
+
+    scene_id: str
+    frames: int
+    already_done: int = 0
+    encoded: int = 0
+    invalid: dict[int, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.encoded / self.seconds if self.seconds > 0 else 0.0
+
+
+def register_scene(store: FeatureStore, scene: Scene, stride: int) -> np.ndarray:
+    """Write a scene's points and frame table to the store if not there yet.
+
+    Returns the (F,) int64 frame ids kept (every `stride`-th frame of the scan).
+    Raises SceneError (naming the scene and file) when the point cloud cannot be read.
+    """
+    frame_ids = scene.frame_ids[::stride]
+    if frame_ids.size == 0:
+        raise SceneError(f"scene {scene.scene_id} has no frames in {scene.root / 'color'}")
+    if scene.scene_id not in store.scenes():
+        store.create_scene(
+            scene.scene_id,
+            frame_id=frame_ids,
+            intrinsic_color=scene.intrinsic_color,
+            intrinsic_depth=scene.intrinsic_depth,
+            color_size=scene.color_size,
+            depth_size=scene.depth_size,
+            depth_scale=0.001,
+            points=scene.read_points(),
+        )
+    return frame_ids
+
+
+def extract_scene(
+    scene: Scene,
+    store: FeatureStore,
+    encoder,
+    featureset: str,
+    *,
+    stride: int = 1,
+    batch_size: int = 16,
+    decode_workers: int = 4,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> SceneReport:
+    """Encode every frame of `scene` whose `done` flag is unset, and write it.
+
+    encoder: a pipeline.clip_encoder.FrozenClipEncoder (preprocess + encode + describe).
+    on_progress(done, total) is called after each written batch.
+    Invalid frames are written with their reason and marked done without features.
+    Raises SceneError when the scene has no valid frame at all.
+    """
+    start = time.perf_counter()
+    frame_ids = register_scene(store, scene, stride)
+    description = encoder.describe()
+    store.create_features(
+        scene.scene_id, featureset, tuple(description["grid_size"]),
+        description["spatial_dim"], description["global_dim"],
+    )
+    done = store.done(scene.scene_id, featureset)
+    pending = np.flatnonzero(~done)
+    report = SceneReport(scene.scene_id, frames=int(frame_ids.size), already_done=int(done.sum()))
+    if pending.size:
+        log.info("%s: %d of %d frames to encode", scene.scene_id, pending.size, frame_ids.size)
+    with ThreadPoolExecutor(1, thread_name_prefix="store-writer") as writer:
+        writes: list[Future] = []
+        completed = report.already_done
+        batches = _decoded_batches(scene, frame_ids, pending, encoder.preprocess, batch_size,
+                                   decode_workers)
+        for positions, frames, inputs in batches:
+            spatial = global_ = None
+            if inputs:
+                spatial, global_ = encoder.encode(torch.stack(inputs))
+                spatial, global_ = spatial.float().cpu().numpy(), global_.float().cpu().numpy()
+                report.encoded += len(inputs)
+            for frame in frames:
+                if not frame.valid:
+                    report.invalid[frame.frame_id] = frame.reason
+                    log.warning("%s: frame %d is invalid: %s", scene.scene_id, frame.frame_id, frame.reason)
+            writes.append(writer.submit(_write_batch, store, scene.scene_id, featureset, positions,
+                                        frames, spatial, global_))
+            _raise_finished_errors(writes)
+            completed += len(frames)
+            if on_progress is not None:
+                on_progress(completed, report.frames)
+        for write in writes:
+            write.result()
+    if not store.scene(scene.scene_id, with_depth=False).valid.any():
+        raise SceneError(
+            f"scene {scene.scene_id} has no valid frame ({report.frames} frames, e.g. "
+            f"{next(iter(report.invalid.values()), 'see the store')}): check {scene.root}"
+        )
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _decoded_batches(
+    scene: Scene, frame_ids: np.ndarray, pending: np.ndarray,
+    preprocess: Callable[[np.ndarray], torch.Tensor], batch_size: int, workers: int,
+) -> Iterator[tuple[list[int], list[Frame], list[torch.Tensor]]]:
+    """Batches of (positions, frames, model inputs of the valid frames), decoded and
+    preprocessed by a thread pool ahead of the consumer."""
+
+    def read(position: int) -> tuple[Frame, torch.Tensor | None]:
+        frame = scene.read_frame(int(frame_ids[position]))
+        return frame, preprocess(frame.color) if frame.valid else None
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="frame-decoder") as pool:
+        ahead = 2 * batch_size  # enough decoded frames to cover one model step
+        futures: list[Future] = []
+        batch_positions: list[int] = []
+        batch_frames: list[Frame] = []
+        batch_inputs: list[torch.Tensor] = []
+        queue = iter(pending.tolist())
+        for position in queue:
+            futures.append((position, pool.submit(read, position)))
+            if len(futures) >= ahead:
+                break
+        while futures:
+            position, future = futures.pop(0)
+            next_position = next(queue, None)
+            if next_position is not None:
+                futures.append((next_position, pool.submit(read, next_position)))
+            frame, model_input = future.result()
+            batch_positions.append(position)
+            batch_frames.append(frame)
+            if model_input is not None:
+                batch_inputs.append(model_input)
+            if len(batch_positions) == batch_size or not futures:
+                yield batch_positions, batch_frames, batch_inputs
+                batch_positions, batch_frames, batch_inputs = [], [], []
+
+
+def _write_batch(store, scene_id, featureset, positions, frames, spatial, global_) -> None:
+    depth_size = store.root["scenes"][scene_id].attrs["depth_size"]
+    depth = np.stack([
+        f.depth_mm if f.valid else np.zeros(depth_size, np.uint16) for f in frames
+    ])
+    store.write_frames(
+        scene_id, positions,
+        pose=np.stack([f.pose for f in frames]),
+        valid=np.array([f.valid for f in frames]),
+        reason=[f.reason for f in frames],
+        depth=depth,
+    )
+    valid_positions = [p for p, f in zip(positions, frames) if f.valid]
+    invalid_positions = [p for p, f in zip(positions, frames) if not f.valid]
+    if valid_positions:
+        store.write_features(scene_id, featureset, valid_positions, spatial=spatial, global_=global_)
+    if invalid_positions:
+        store.write_features(scene_id, featureset, invalid_positions, spatial=None, global_=None)
+
+
+def _raise_finished_errors(writes: list[Future]) -> None:
+    """Surface a failed store write at once instead of after the whole scene."""
+    while writes and writes[0].done():
+        writes.pop(0).result()
