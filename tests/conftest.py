@@ -21,3 +21,29 @@ def synthetic_root(tmp_path_factory) -> Path:
     write_scenes(root, **SYNTHETIC)
     return root
 
+
+
+def write_store(root: Path, store_path: Path, **encoder_options) -> str:
+    """Extract every scene under `root` into `store_path` with the tiny random-weight ViT,
+    without Prefect (pipeline.extraction directly); returns the feature set id."""
+    from pipeline.clip_encoder import EncoderConfig, FrozenClipEncoder
+    from pipeline.extraction import extract_scene
+    from pipeline.synthetic import SyntheticScene
+    from storage import open_store
+
+    store = open_store(store_path, mode="a")
+    encoder = FrozenClipEncoder(EncoderConfig(model="test-ViT-tiny", pretrained="none",
+                                              **encoder_options))
+    featureset = store.register_featureset(encoder.describe())
+    for scene_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        extract_scene(SyntheticScene.open(scene_dir), store, encoder, featureset, batch_size=4)
+    return featureset
+
+
+@pytest.fixture(scope="session")
+def tiny_store(synthetic_root, tmp_path_factory) -> Path:
+    """A store of the two synthetic scenes with one feature set (test-ViT-tiny, random
+    weights), written once per session. Read-only: copy it before changing it."""
+    path = tmp_path_factory.mktemp("tiny-store") / "store.zarr"
+    write_store(synthetic_root, path)
+    return path

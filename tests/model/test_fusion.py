@@ -9,6 +9,7 @@ from model.backbone import SparseUNetConfig
 from model.batch import IGNORE_INDEX, PointBatch
 from model.fusion import FusionConfig, FusionModel, pool_views
 from model.losses import semantic_loss
+from model.metrics import confusion_matrix, mean_iou
 
 TINY = FusionConfig(
     backbone=SparseUNetConfig(voxel_size=0.1, channels=(8, 16), blocks=(1, 1), out_channels=96),
@@ -168,17 +169,6 @@ def synthetic_room(seed: int = 0) -> PointBatch:
     )
 
 
-def mean_iou(prediction: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
-    labelled = target != IGNORE_INDEX
-    prediction, target = prediction[labelled], target[labelled]
-    ious = []
-    for label in range(num_classes):
-        union = ((prediction == label) | (target == label)).sum()
-        if union > 0:
-            ious.append(float(((prediction == label) & (target == label)).sum() / union))
-    return sum(ious) / len(ious)
-
-
 def test_full_model_overfits_a_small_synthetic_scene():
     torch.manual_seed(0)
     config = FusionConfig(
@@ -195,7 +185,7 @@ def test_full_model_overfits_a_small_synthetic_scene():
     model.eval()
     with torch.no_grad():
         prediction = model(batch).semantic_logits.argmax(dim=1)
-    assert mean_iou(prediction, batch.semantic, 4) >= 0.9
+    assert mean_iou(confusion_matrix(prediction, batch.semantic, 4)) >= 0.9
 
 
 def test_forward_and_backward_under_autocast():

@@ -1,0 +1,220 @@
+"""The cache-backed dataset: scenes from the store, cached CLIP features projected onto points.
+
+Nothing here runs CLIP. A scene's spatial features are read from the store and fused onto its
+points by `pipeline.projection.fuse_features` on the training device under `no_grad`; the
+result is a constant input of the model. Augmentation moves the points after projection, so
+each point keeps the 2D feature of the place it was seen at.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from model.batch import PointBatch
+from pipeline.projection import GridMapping, fuse_features
+from storage.store import FeatureStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProjectionConfig:
+    """How cached features are attached to points (see pipeline.projection.project)."""
+
+    depth_threshold: float = 0.05
+    relative_threshold: float = 0.02
+    view_chunk: int = 16
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """3D augmentation of the training input, applied after projection."""
+
+    rotate_z: bool = True
+    flip: bool = True
+    scale: tuple[float, float] = (0.9, 1.1)
+    jitter: float = 0.005  # metres, std of per-point noise
+
+    @staticmethod
+    def none() -> AugmentConfig:
+        return AugmentConfig(rotate_z=False, flip=False, scale=(1.0, 1.0), jitter=0.0)
+
+
+@dataclass
+class SceneSample:
+    """One scene ready for the model, on the device.
+
+    xyz: (N, 3) float32 metres world. rgb: (N, 3) float32 in [0, 1].
+    feat2d: (N, C) float32 mean cached feature over the views that see the point (0 if none).
+    seen: (N,) bool. semantic: (N,) int64 (-100 ignored). instance: (N,) int64 (-1 none).
+    segment: (N,) int64 superpoint id (-1 unknown).
+    view_visible: (V, N) bool which point each used view sees. view_global: (V, D) float32
+    cached global embeddings of those views.
+    """
+
+    scene_id: str
+    xyz: torch.Tensor
+    rgb: torch.Tensor
+    feat2d: torch.Tensor
+    seen: torch.Tensor
+    semantic: torch.Tensor
+    instance: torch.Tensor
+    segment: torch.Tensor
+    view_visible: torch.Tensor
+    view_global: torch.Tensor
+
+
+class CachedScenes:
+    """Reads scenes of one feature set from their stores and projects their features.
+
+    sources: scene id -> the store that holds it (scenes may come from several stores).
+    The store's arrays become torch tensors on `device` with requires_grad=False and are never
+    written back. Projected scenes are kept, most recently used first, up to `cache_bytes`, so
+    that later epochs neither read the store nor project again.
+    """
+
+    def __init__(
+        self,
+        sources: dict[str, FeatureStore],
+        featureset: str,
+        device: torch.device,
+        projection: ProjectionConfig = ProjectionConfig(),
+        cache_bytes: float = 2e9,
+    ):
+        self.sources = dict(sources)
+        self.featureset = featureset
+        self.device = device
+        self.projection = projection
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[str, SceneSample] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def get(self, scene_id: str) -> SceneSample:
+        """The projected scene, from memory when it was loaded before."""
+        if scene_id in self._cache:
+            self._cache.move_to_end(scene_id)
+            return self._cache[scene_id]
+        sample = self.load(scene_id)
+        self._cache[scene_id] = sample
+        while len(self._cache) > 1 and sum(map(_nbytes, self._cache.values())) > self.cache_bytes:
+            self._cache.popitem(last=False)
+        return sample
+
+    def load(self, scene_id: str) -> SceneSample:
+        """Read one scene and project its cached features onto its points."""
+        store = self.sources[scene_id]
+        scene = store.scene(scene_id)
+        features = store.features(scene_id, self.featureset)
+        description = features.description
+        usable = scene.valid & features.done
+        device = self.device
+        as_tensor = lambda array, dtype: torch.as_tensor(np.ascontiguousarray(array), dtype=dtype,
+                                                          device=device)
+        xyz = as_tensor(scene.xyz, torch.float32)
+        mapping = GridMapping(
+            color_size=tuple(scene.color_size),
+            input_size=tuple(description["image_size"]),
+            grid_size=tuple(description["grid_size"]),
+            resize=description["resize"],
+        )
+        fused = fuse_features(
+            xyz,
+            as_tensor(scene.pose[usable], torch.float32),
+            as_tensor(scene.intrinsic_depth, torch.float32),
+            as_tensor(scene.depth[usable], torch.float32),
+            as_tensor(scene.intrinsic_color, torch.float32),
+            as_tensor(features.spatial[usable], torch.float16),
+            mapping,
+            depth_scale=scene.depth_scale,
+            depth_threshold=self.projection.depth_threshold,
+            relative_threshold=self.projection.relative_threshold,
+            view_chunk=self.projection.view_chunk,
+            return_visibility=True,
+        )
+        return SceneSample(
+            scene_id=scene_id,
+            xyz=xyz,
+            rgb=as_tensor(scene.rgb, torch.float32) / 255.0,
+            feat2d=fused.features,
+            seen=fused.seen,
+            semantic=as_tensor(scene.semantic, torch.int64),
+            instance=as_tensor(scene.instance, torch.int64),
+            segment=as_tensor(scene.segment, torch.int64),
+            view_visible=fused.view_visible,
+            view_global=as_tensor(features.global_[usable], torch.float32),
+        )
+
+
+def _nbytes(sample: SceneSample) -> int:
+    return sum(value.nbytes for value in vars(sample).values() if isinstance(value, torch.Tensor))
+
+
+def augment(xyz: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """Rotate about z, flip, scale and jitter (N, 3) points; returns new (N, 3) points."""
+    device = xyz.device
+    rand = lambda *shape: torch.rand(*shape, generator=generator).to(device)
+    out = xyz - xyz.mean(dim=0, keepdim=True)
+    if config.rotate_z:
+        angle = float(rand(1)) * 2 * math.pi
+        cos, sin = math.cos(angle), math.sin(angle)
+        rotation = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0], [0.0, 0.0, 1.0]], device=device)
+        out = out @ rotation.T
+    if config.flip:
+        signs = torch.where(rand(2) < 0.5, -1.0, 1.0)
+        out = out * torch.cat([signs, torch.ones(1, device=device)])
+    low, high = config.scale
+    out = out * (low + (high - low) * float(rand(1)))
+    if config.jitter > 0:
+        noise = torch.randn(out.shape, generator=generator).to(device) * config.jitter
+        out = out + noise
+    return out
+
+
+def collate(
+    samples: Sequence[SceneSample],
+    augmentation: AugmentConfig | None,
+    generator: torch.Generator,
+) -> PointBatch:
+    """Concatenate scenes into one PointBatch, augmenting each scene's points.
+
+    augmentation: None for evaluation (points as stored). Visibility
+    pairs come from each scene's (V, N) mask with view and point offsets added; instance and
+    segment ids are offset so they are unique within the batch.
+    """
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in (
+        "xyz", "rgb", "batch_index", "feat2d", "seen", "semantic", "instance", "segment",
+        "view_of_pair", "view_point_index", "view_global")}
+    point_offset = view_offset = instance_offset = segment_offset = 0
+    for index, sample in enumerate(samples):
+        xyz = sample.xyz if augmentation is None else augment(sample.xyz, augmentation, generator)
+        view, point = sample.view_visible.nonzero(as_tuple=True)
+        parts["xyz"].append(xyz)
+        parts["rgb"].append(sample.rgb)
+        parts["batch_index"].append(torch.full_like(sample.semantic, index))
+        parts["feat2d"].append(sample.feat2d)
+        parts["seen"].append(sample.seen)
+        parts["semantic"].append(sample.semantic)
+        parts["instance"].append(_offset_ids(sample.instance, instance_offset))
+        parts["segment"].append(_offset_ids(sample.segment, segment_offset))
+        parts["view_of_pair"].append(view + view_offset)
+        parts["view_point_index"].append(point + point_offset)
+        parts["view_global"].append(sample.view_global)
+        point_offset += sample.xyz.shape[0]
+        view_offset += sample.view_global.shape[0]
+        instance_offset += int(sample.instance.max().clamp_min(-1)) + 1
+        segment_offset += int(sample.segment.max().clamp_min(-1)) + 1
+    return PointBatch(**{name: torch.cat(tensors) for name, tensors in parts.items()})
+
+
+def _offset_ids(ids: torch.Tensor, offset: int) -> torch.Tensor:
+    """Shift non-negative ids by `offset`; -1 (none) stays -1."""
+    return torch.where(ids >= 0, ids + offset, ids)

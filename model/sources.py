@@ -1,0 +1,118 @@
+"""Which stores, which feature set and which scenes a training run reads."""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+from storage.errors import StoreError, UserError
+from storage.store import FeatureStore, open_store
+
+log = logging.getLogger(__name__)
+
+
+def discover_stores(cache: str) -> list[FeatureStore]:
+    """`cache` is one store (path or fsspec URL) or a local folder of `*.zarr` stores."""
+    path = Path(cache)
+    if "://" not in cache and path.is_dir() and not (path / "zarr.json").exists():
+        found = sorted(p for p in path.glob("*.zarr") if (p / "zarr.json").exists())
+        if not found:
+            raise StoreError(
+                f"no feature store in {cache}: run `python -m flows.extract_clip --root DATA "
+                f"--store {path / 'features.zarr'}` first, or pass --cache STORE.zarr")
+        return [open_store(p) for p in found]
+    return [open_store(cache)]
+
+
+def describe_featureset(fid: str, description: dict[str, Any]) -> str:
+    image = "x".join(map(str, description.get("image_size", ())))
+    return (f"{fid}: {description.get('model')} / {description.get('pretrained')}, "
+            f"{description.get('spatial_kind')} {description.get('spatial_dim')}-d, input {image}")
+
+
+def choose_featureset(stores: list[FeatureStore], requested: str | None) -> tuple[str, dict]:
+    """The feature set id and description to train on.
+
+    With `requested` None: the only feature set of the stores; with several, ask on a terminal,
+    otherwise raise a UserError that lists them.
+    """
+    available: dict[str, dict] = {}
+    for store in stores:
+        available.update(store.featuresets())
+    if requested is not None:
+        if requested not in available:
+            listing = "; ".join(describe_featureset(f, d) for f, d in available.items()) or "none"
+            raise StoreError(f"feature set {requested} is in none of the stores (they hold: "
+                             f"{listing}); pick one of these with --featureset")
+        return requested, available[requested]
+    if not available:
+        raise StoreError(f"the stores under {stores[0].url} hold no feature set: run "
+                         "`python -m flows.extract_clip` over your scenes first")
+    if len(available) == 1:
+        return next(iter(available.items()))
+    ids = sorted(available)
+    listing = "\n".join(f"  [{i}] {describe_featureset(f, available[f])}" for i, f in enumerate(ids))
+    if sys.stdin.isatty():
+        answer = input(f"several feature sets:\n{listing}\ntrain on which? [0-{len(ids) - 1}] ")
+        if answer.strip().isdigit() and int(answer) < len(ids):
+            return ids[int(answer)], available[ids[int(answer)]]
+    raise UserError(f"several feature sets, pick one with --featureset:\n{listing}")
+
+
+def scene_sources(stores: list[FeatureStore], featureset: str) -> dict[str, FeatureStore]:
+    """Scene id -> store, for the scenes whose frames this feature set has all done.
+
+    Scenes with unfinished features are left out with a warning that says how to finish them;
+    a scene id in two stores is an error.
+    """
+    sources: dict[str, FeatureStore] = {}
+    unfinished: list[str] = []
+    for store in stores:
+        if featureset not in store.featuresets():
+            continue
+        for scene_id in store.scenes():
+            if scene_id in sources:
+                raise StoreError(f"scene {scene_id} is in both {sources[scene_id].url} and "
+                                 f"{store.url}: pass one store with --cache")
+            done = store.done(scene_id, featureset)
+            if done.size and done.all():
+                sources[scene_id] = store
+            else:
+                unfinished.append(f"{scene_id} ({int(done.sum())}/{done.size} frames)")
+    if unfinished:
+        log.warning("leaving out %d scenes whose features are not finished: %s; rerun "
+                    "extract-clip on the same store to finish them", len(unfinished),
+                    ", ".join(unfinished))
+    if not sources:
+        raise StoreError(f"no scene has finished features of feature set {featureset}: "
+                         "run (or rerun) `python -m flows.extract_clip` to finish them")
+    return sources
+
+
+def split_scenes(scene_ids: list[str], val_list: str | None, val_fraction: float,
+                 seed: int) -> tuple[list[str], list[str]]:
+    """(train, val) scene ids: the ids in `val_list` (a file, one per line) or a seeded fraction.
+
+    A single scene is used for both (with a warning): fine for a demo, meaningless as a metric.
+    """
+    ids = sorted(scene_ids)
+    if val_list is not None:
+        wanted = [line.strip() for line in Path(val_list).read_text().splitlines() if line.strip()]
+        missing = sorted(set(wanted) - set(ids))
+        if missing:
+            raise UserError(f"{val_list} names scenes without finished features: "
+                            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        val = sorted(wanted)
+    elif len(ids) == 1:
+        log.warning("one scene only (%s): it is both the training and the validation set", ids[0])
+        return ids, ids
+    else:
+        count = min(len(ids) - 1, max(1, round(val_fraction * len(ids))))
+        val = sorted(random.Random(seed).sample(ids, count))
+    train = [scene_id for scene_id in ids if scene_id not in set(val)]
+    if not train:
+        raise UserError("every scene is a validation scene: shorten --val-list")
+    return train, val

@@ -1,0 +1,421 @@
+"""Stage 2: `python -m model.train --cache storage/` trains the fusion model on cached features.
+
+The run reads as: pick stores, feature set and scenes (model.sources); build the model from
+the feature set's widths; then per epoch, train steps over shuffled batches of projected scenes
+(model.dataset), an evaluation on the validation scenes, a line in metrics.jsonl, TensorBoard
+scalars, curves.png and a checkpoint. Ctrl-C saves a checkpoint at the current step; `--resume`
+continues from any checkpoint exactly (same batches, same augmentation, same numbers).
+
+Never imports open_clip: CLIP features are constants from the store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from model.backbone import SparseUNetConfig
+from model.batch import PointBatch
+from model.config import TrainConfig, parse_config
+from model.dataset import AugmentConfig, CachedScenes, ProjectionConfig, collate
+from model.fusion import FusionConfig, FusionModel
+from model.losses import LossConfig, clip_weight_schedule, compute_losses, finite_or_skip
+from model.metrics import class_iou, confusion_matrix, mean_iou
+from model.report import format_summary, plot_curves
+from model.sources import choose_featureset, discover_stores, scene_sources, split_scenes
+from storage.errors import UserError
+
+log = logging.getLogger(__name__)
+
+LOSS_TERMS = ("total", "semantic", "clip")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is visible here; use --device cpu")
+    return device
+
+
+def build_model(config: TrainConfig, description: dict[str, Any]) -> FusionModel:
+    """The fusion model whose 2D and CLIP widths match the feature set's."""
+    return FusionModel(FusionConfig(
+        backbone=SparseUNetConfig(voxel_size=config.voxel_size, channels=config.channels,
+                                  blocks=(1,) * len(config.channels)),
+        dim_2d=int(description["spatial_dim"]),
+        clip_dim=int(description["global_dim"]),
+        width=config.width,
+        use_2d=config.use_2d,
+    ))
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
+    """Step -> learning-rate factor: linear warm-up, then cosine to 0.01 or poly (power 0.9)."""
+
+    warmup_steps = min(warmup_steps, total_steps // 10)  # short runs warm up for 10% of steps
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if schedule == "cosine":
+            return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+        return (1 - progress) ** 0.9
+
+    return factor
+
+
+def train_step(
+    model: nn.Module, batch: PointBatch, optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler, epoch: int, loss_config: LossConfig, *,
+    grad_clip: float, amp: bool,
+) -> tuple[dict[str, float], torch.Tensor] | None:
+    """One optimisation step; returns (loss terms as floats, (P, K) detached logits), or None
+    when the loss was not finite and the step was skipped (weights untouched)."""
+    model.train()
+    with torch.autocast(batch.device.type, dtype=torch.float16, enabled=amp):
+        output = model(batch)
+    losses = compute_losses(output, batch, epoch, loss_config)
+    optimizer.zero_grad(set_to_none=True)
+    if not finite_or_skip(losses["total"]):
+        return None
+    scaler.scale(losses["total"]).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return ({name: float(losses[name].detach()) for name in LOSS_TERMS},
+            output.semantic_logits.detach())
+
+
+@torch.no_grad()
+def evaluate(model: FusionModel, scenes: CachedScenes, scene_ids: list[str], epoch: int,
+             loss_config: LossConfig, amp: bool) -> dict[str, Any]:
+    """Loss terms (mean over scenes), mIoU and per-class IoU over `scene_ids`, unaugmented."""
+    model.eval()
+    num_classes = model.config.num_classes
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=scenes.device)
+    sums = dict.fromkeys(LOSS_TERMS, 0.0)
+    for scene_id in scene_ids:
+        batch = collate([scenes.get(scene_id)], None, torch.Generator())
+        with torch.autocast(batch.device.type, dtype=torch.float16, enabled=amp):
+            output = model(batch)
+        losses = compute_losses(output, batch, epoch, loss_config)
+        for name in LOSS_TERMS:
+            sums[name] += float(losses[name])
+        confusion += confusion_matrix(output.semantic_logits.argmax(1), batch.semantic, num_classes)
+    return {**{name: value / len(scene_ids) for name, value in sums.items()},
+            "miou": mean_iou(confusion), "class_iou": _floats(class_iou(confusion))}
+
+
+def _floats(values: torch.Tensor) -> list[float | None]:
+    """JSON-friendly: NaN (class absent) becomes None."""
+    return [None if math.isnan(v) else v for v in values.tolist()]
+
+
+@dataclass
+class EpochState:
+    """Where a run stands inside an epoch: all a checkpoint needs to continue it exactly."""
+
+    epoch: int = 0
+    step: int = 0  # batches of `epoch` already done
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOSS_TERMS, 0.0))
+    steps_done: int = 0
+    skipped: int = 0
+    confusion: torch.Tensor | None = None
+    augment_rng: torch.Tensor | None = None
+
+
+class Trainer:
+    """Owns the model, optimiser, data and run folder of one training run."""
+
+    def __init__(self, config: TrainConfig):
+        checkpoint = _load_checkpoint(config.resume) if config.resume else None
+        if checkpoint is not None:
+            # the resumed run's settings win, except where to read the stores from and how long
+            saved = TrainConfig(**_tuples(checkpoint["config"]))
+            config = dataclasses.replace(saved, cache=config.cache, epochs=config.epochs,
+                                         resume=config.resume, device=config.device)
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.amp = self.device.type == "cuda" if config.amp is None else config.amp
+        if self.amp and self.device.type != "cuda":
+            raise UserError("--amp needs a CUDA device (float16 autocast on a CPU is slow and "
+                            "unscaled); drop --amp or use --device cuda")
+        _seed_everything(config.seed)
+        if config.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        stores = discover_stores(config.cache)
+        self.featureset, self.description = choose_featureset(
+            stores, checkpoint["featureset"] if checkpoint else config.featureset)
+        if self.description.get("random_weights"):
+            warnings.warn(f"feature set {self.featureset} ({self.description.get('model')}) was "
+                          "extracted with RANDOM CLIP weights: its features carry no meaning; "
+                          "fine for plumbing, not for results", stacklevel=2)
+        sources = scene_sources(stores, self.featureset)
+        self.train_ids, self.val_ids = split_scenes(list(sources), config.val_list,
+                                                    config.val_fraction, config.seed)
+        self.scenes = CachedScenes(
+            sources, self.featureset, self.device,
+            ProjectionConfig(config.depth_threshold, config.relative_threshold),
+            cache_bytes=config.scene_cache_gb * 1e9)
+        self.model = build_model(config, self.description).to(self.device)
+        self.loss_config = LossConfig(clip_schedule=config.clip_schedule,
+                                      temperature=config.temperature)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr,
+                                           weight_decay=config.weight_decay)
+        self.steps_per_epoch = math.ceil(len(self.train_ids) / config.batch_scenes)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(
+            config.schedule, config.warmup_steps, config.epochs * self.steps_per_epoch))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+        self.state = EpochState()
+        self.history: list[dict[str, Any]] = []
+        if checkpoint is not None:
+            self._restore(checkpoint)
+            self.out = Path(config.out) if config.out else _run_folder_of(Path(config.resume))
+        else:
+            self.out = Path(config.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+        (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        _write_history(self.out / "metrics.jsonl", self.history)
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Train the remaining epochs; returns one metrics record per epoch of the run."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        config = self.config
+        log.info("training on %d scenes, validating on %d, feature set %s, %s%s; run folder %s",
+                 len(self.train_ids), len(self.val_ids), self.featureset, self.device,
+                 " with AMP" if self.amp else "", self.out)
+        with SummaryWriter(str(self.out / "tensorboard")) as writer, _StopOnCtrlC() as stop:
+            self._stop = stop
+            try:
+                while self.state.epoch < config.epochs:
+                    record = self._run_epoch()
+                    self.history.append(record)
+                    _write_history(self.out / "metrics.jsonl", self.history)
+                    _log_scalars(writer, record)
+                    if config.plot:
+                        plot_curves(self.history, self.out / "curves.png")
+                    self.state = EpochState(epoch=self.state.epoch + 1)
+                    self.save("last.pt")
+                    if record["val"]["miou"] >= max(r["val"]["miou"] for r in self.history):
+                        self.save("best.pt")
+            except _Stopped:
+                path = self.save("interrupted.pt")
+                log.warning("interrupted at epoch %d step %d: resume with `python -m model.train "
+                            "--cache %s --resume %s`", self.state.epoch, self.state.step,
+                            config.cache, path)
+                raise KeyboardInterrupt from None
+        return self.history
+
+    def _run_epoch(self) -> dict[str, Any]:
+        config, state = self.config, self.state
+        epoch = state.epoch
+        order = _epoch_order(self.train_ids, config.seed, epoch)
+        batches = [order[i:i + config.batch_scenes] for i in range(0, len(order), config.batch_scenes)]
+        augment_rng = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        if state.augment_rng is not None:
+            augment_rng.set_state(state.augment_rng)
+        num_classes = self.model.config.num_classes
+        if state.confusion is None:
+            state.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        augmentation = AugmentConfig() if config.augment else None
+        start = time.perf_counter()
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
+                   initial=state.step, leave=False)
+        for batch_ids in batches[state.step:]:
+            batch = collate([self.scenes.get(s) for s in batch_ids], augmentation, augment_rng)
+            result = train_step(self.model, batch, self.optimizer, self.scaler, epoch,
+                                self.loss_config, grad_clip=config.grad_clip, amp=self.amp)
+            self.scheduler.step()
+            if result is None:
+                state.skipped += 1
+                log.warning("epoch %d: skipped a step with a non-finite loss (scenes %s)",
+                            epoch, ", ".join(batch_ids))
+            else:
+                losses, logits = result
+                for name in LOSS_TERMS:
+                    state.sums[name] += losses[name]
+                state.steps_done += 1
+                state.confusion += confusion_matrix(logits.argmax(1), batch.semantic,
+                                                    num_classes).cpu()
+                bar.set_postfix(loss=f"{losses['total']:.3f}")
+            state.step += 1
+            state.augment_rng = augment_rng.get_state()
+            bar.update()
+            if self._stop.requested:
+                raise _Stopped
+        bar.close()
+        seconds = time.perf_counter() - start
+        val = evaluate(self.model, self.scenes, self.val_ids, epoch, self.loss_config, self.amp)
+        train = {name: state.sums[name] / max(1, state.steps_done) for name in LOSS_TERMS}
+        record = {
+            "epoch": epoch + 1,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "clip_weight": clip_weight_schedule(epoch, self.loss_config.clip_schedule),
+            "train": {**train, "miou": mean_iou(state.confusion)},
+            "val": val,
+            "skipped_steps": state.skipped,
+            "seconds": seconds,
+        }
+        log.info("epoch %d: train loss %.4f mIoU %.3f | val loss %.4f mIoU %.3f | %.1f s",
+                 epoch + 1, train["total"], record["train"]["miou"], val["total"], val["miou"],
+                 seconds)
+        return record
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, name: str) -> Path:
+        """Model, optimiser, scheduler, scaler, epoch state, feature set id and config."""
+        path = self.out / "checkpoints" / name
+        state = dataclasses.asdict(self.state)
+        torch.save({
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "state": state,
+            "history": self.history,
+            "featureset": self.featureset,
+            "featureset_description": self.description,
+            "config": dataclasses.asdict(self.config),
+        }, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)  # a kill mid-save leaves the previous checkpoint
+        return path
+
+    def _restore(self, checkpoint: dict[str, Any]) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        self.state = EpochState(**checkpoint["state"])
+        self.history = checkpoint["history"]
+        log.info("resumed at epoch %d, step %d of %s", self.state.epoch + 1, self.state.step,
+                 self.config.resume)
+
+
+class _Stopped(Exception):
+    """Raised between two steps after Ctrl-C, so the checkpoint holds a whole step."""
+
+
+class _StopOnCtrlC:
+    """The first Ctrl-C asks the loop to stop after the current step; a second one aborts."""
+
+    requested = False
+
+    def __enter__(self) -> _StopOnCtrlC:
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)",
+              file=sys.stderr)
+
+
+def _epoch_order(train_ids: list[str], seed: int, epoch: int) -> list[str]:
+    """The scenes of one epoch in a shuffled order that depends only on (seed, epoch)."""
+    order = list(train_ids)
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _load_checkpoint(path: str) -> dict[str, Any]:
+    target = Path(path)
+    if target.is_dir():
+        candidates = [target / "checkpoints" / n for n in ("interrupted.pt", "last.pt")]
+        existing = [c for c in candidates if c.exists()]
+        if not existing:
+            raise UserError(f"no checkpoint in {target / 'checkpoints'}: pass a run folder that "
+                            "has finished an epoch, or a .pt file")
+        target = max(existing, key=lambda c: c.stat().st_mtime)
+    if not target.exists():
+        raise UserError(f"no checkpoint at {target}")
+    try:
+        return torch.load(target, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise UserError(f"cannot read checkpoint {target} ({error}): it may be truncated; "
+                        "resume from another one in the same folder") from None
+
+
+def _run_folder_of(resume: Path) -> Path:
+    return resume if resume.is_dir() else resume.parent.parent
+
+
+def _tuples(config: dict[str, Any]) -> dict[str, Any]:
+    """Checkpoints store tuples as lists; TrainConfig wants them back as tuples."""
+    fixed = dict(config)
+    fixed["channels"] = tuple(fixed["channels"])
+    fixed["clip_schedule"] = tuple(tuple(step) for step in fixed["clip_schedule"])
+    return fixed
+
+
+def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
+    """Rewrite metrics.jsonl whole, so a resumed run never repeats or loses an epoch."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(record) + "\n" for record in history))
+
+
+def _log_scalars(writer, record: dict[str, Any]) -> None:
+    epoch = record["epoch"]
+    for split in ("train", "val"):
+        for name in (*LOSS_TERMS, "miou"):
+            writer.add_scalar(f"{split}/{name}", record[split][name], epoch)
+    writer.add_scalar("lr", record["lr"], epoch)
+    writer.add_scalar("clip_weight", record["clip_weight"], epoch)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_config(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        trainer = Trainer(config)
+        history = trainer.fit()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    print(format_summary(history, trainer.out, trainer.featureset))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

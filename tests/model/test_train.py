@@ -1,0 +1,201 @@
+"""Stage 2 end to end on a real store: feature-set choice, split, training, checkpoints, resume."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import model.train as train_module
+from model.config import TrainConfig, build_parser, parse_config
+from model.dataset import CachedScenes, collate
+from model.losses import LossConfig
+from model.train import Trainer, main, train_step
+from storage import StoreError, UserError, open_store
+from tests.conftest import write_store
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = {"voxel_size": 0.05, "channels": (16, 32, 48), "width": 64, "plot": False,
+         "device": "cpu", "warmup_steps": 0}
+
+
+def config(store, tmp_path, **overrides) -> TrainConfig:
+    return TrainConfig(**{"cache": str(store), "out": str(tmp_path / "run"), **SMALL, **overrides})
+
+
+def test_model_package_never_imports_open_clip():
+    for path in (REPO / "model").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(name.split(".")[0] in ("open_clip", "pipeline.clip_encoder")
+                           or name == "pipeline.clip_encoder" for name in names), path
+    # and at run time: importing every module of model/ leaves open_clip unloaded
+    modules = [f"model.{p.stem}" for p in (REPO / "model").glob("*.py") if p.stem != "__init__"]
+    code = f"import sys; import {', '.join(modules)}; sys.exit('open_clip' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+def test_no_gradient_reaches_a_cached_feature(tiny_store):
+    store = open_store(tiny_store)
+    (featureset,) = store.featuresets()
+    before = store.features("scene0000_00", featureset).spatial.copy()
+    scenes = CachedScenes({"scene0000_00": store}, featureset, torch.device("cpu"))
+    sample = scenes.get("scene0000_00")
+    feat2d = sample.feat2d.clone()
+    assert not sample.feat2d.requires_grad and sample.seen.any()
+    model = train_module.build_model(TrainConfig(**SMALL), store.featuresets()[featureset])
+    batch = collate([sample], None, torch.Generator())
+    optimizer = torch.optim.AdamW(model.parameters())
+    result = train_step(model, batch, optimizer, torch.amp.GradScaler("cpu", enabled=False), 30,
+                        LossConfig(), grad_clip=1.0, amp=False)
+    assert result is not None and result[0]["clip"] > 0  # the CLIP term was in the graph
+    assert batch.feat2d.grad is None and sample.feat2d.grad is None
+    torch.testing.assert_close(sample.feat2d, feat2d, rtol=0, atol=0)
+    np.testing.assert_array_equal(open_store(tiny_store).features("scene0000_00", featureset).spatial,
+                                  before)
+    assert model.proj_2d[0].weight.grad is not None  # gradients stop at the 2D projection
+
+
+def test_training_overfits_one_scene(tiny_store, tmp_path):
+    val_list = tmp_path / "val.txt"
+    val_list.write_text("scene0001_00\n")
+    # 2 cm voxels: the scene's pictures (25 points) lie flat on a wall, coarser voxels merge them
+    trainer = Trainer(config(tiny_store, tmp_path, val_list=str(val_list), epochs=40,
+                             augment=False, lr=5e-3, batch_scenes=1, voxel_size=0.02))
+    assert trainer.train_ids == ["scene0000_00"] and trainer.val_ids == ["scene0001_00"]
+    history = trainer.fit()
+    assert history[-1]["train"]["total"] < 0.05 * history[0]["train"]["total"]
+    assert history[-1]["train"]["miou"] >= 0.9, history[-1]["train"]
+
+
+def test_run_folder_holds_metrics_plot_events_and_checkpoints(tiny_store, tmp_path, capsys):
+    code = main(["--cache", str(tiny_store), "--out", str(tmp_path / "run"), "--epochs", "2",
+                 "--voxel-size", "0.05", "--channels", "16,32", "--width", "32",
+                 "--device", "cpu"])
+    assert code == 0
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for record in records:
+        for split in ("train", "val"):
+            assert {"total", "semantic", "clip", "miou"} <= set(record[split])
+        assert len(record["val"]["class_iou"]) == 20
+    assert (run / "curves.png").stat().st_size > 1000
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"last.pt", "best.pt"}
+    checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert checkpoint["featureset"] == next(iter(open_store(tiny_store).featuresets()))
+    assert {"model", "optimizer", "scheduler", "scaler", "state", "config"} <= set(checkpoint)
+    out = capsys.readouterr().out
+    assert "val mIoU" in out and "checkpoints/last.pt" in out
+
+
+def strip_timing(history):
+    return [{k: v for k, v in record.items() if k != "seconds"} for record in history]
+
+
+def test_resume_after_a_crash_gives_the_same_metrics(tiny_store, tmp_path, monkeypatch):
+    settings = dict(epochs=3, batch_scenes=1, val_fraction=0.5, clip_schedule=((0, 0.01),))
+    full = Trainer(config(tiny_store, tmp_path / "a", **settings)).fit()
+
+    real_evaluate = train_module.evaluate
+    calls = {"n": 0}
+
+    def crash_in_the_third_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("killed")  # stands in for a crash: no handler runs
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", crash_in_the_third_epoch)
+    with pytest.raises(RuntimeError, match="killed"):
+        Trainer(config(tiny_store, tmp_path / "b", **settings)).fit()
+    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+    resumed = Trainer(TrainConfig(cache=str(tiny_store), resume=str(tmp_path / "b" / "run"),
+                                  epochs=3, device="cpu"))
+    assert resumed.state.epoch == 2
+    assert strip_timing(resumed.fit()) == strip_timing(full)
+    lines = (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_is_exact(tiny_store, tmp_path, monkeypatch):
+    store = tmp_path / "store.zarr"  # four scenes: two steps per epoch with batch_scenes=1
+    shutil.copytree(tiny_store, store)
+    settings = dict(epochs=2, batch_scenes=1, val_fraction=0.5)
+    full = Trainer(config(store, tmp_path / "a", **settings)).fit()
+
+    calls = {"n": 0}
+    real_step = train_module.train_step
+
+    def step_then_ctrl_c(*args, **kwargs):
+        calls["n"] += 1
+        result = real_step(*args, **kwargs)
+        if calls["n"] == 1:  # a real SIGINT, delivered mid-epoch (step 1 of 1 of epoch 1)
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(train_module, "train_step", step_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(config(store, tmp_path / "b", **settings)).fit()
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    checkpoint = tmp_path / "b" / "run" / "checkpoints" / "interrupted.pt"
+    assert torch.load(checkpoint, weights_only=False)["state"]["step"] == 1
+    resumed = Trainer(TrainConfig(cache=str(store), resume=str(checkpoint), epochs=2,
+                                  device="cpu"))
+    assert strip_timing(resumed.fit()) == strip_timing(full)
+
+
+def test_several_feature_sets_are_listed_and_one_is_picked(tiny_store, synthetic_root, tmp_path):
+    store = tmp_path / "store.zarr"
+    shutil.copytree(tiny_store, store)
+    (first,) = open_store(store).featuresets()
+    second = write_store(synthetic_root, store, image_size=(160, 224))
+    listed = sorted((first, second))
+    with pytest.raises(UserError, match=f"(?s)several feature sets.*--featureset.*{listed[0]}.*{listed[1]}"):
+        Trainer(config(store, tmp_path, epochs=1))
+    trainer = Trainer(config(store, tmp_path, epochs=1, featureset=second))
+    assert trainer.featureset == second and trainer.description["image_size"] == [160, 224]
+    with pytest.raises(StoreError, match="feature set nope is in none.*--featureset"):
+        Trainer(config(store, tmp_path, featureset="nope"))
+
+
+def test_unfinished_scenes_are_left_out_with_a_warning(tiny_store, tmp_path, caplog):
+    store_path = tmp_path / "store.zarr"
+    shutil.copytree(tiny_store, store_path)
+    store = open_store(store_path, mode="a")
+    (featureset,) = store.featuresets()
+    store.root["scenes"]["scene0001_00"]["features"][featureset]["done"][3] = False
+    trainer = Trainer(config(store_path, tmp_path, epochs=1))
+    assert trainer.train_ids == trainer.val_ids == ["scene0000_00"]
+    assert "scene0001_00 (7/8 frames)" in caplog.text and "rerun extract-clip" in caplog.text
+
+
+def test_cli_errors_are_one_line_and_help_names_every_flag(tmp_path, capsys):
+    assert main(["--cache", str(tmp_path / "nothing.zarr")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: no feature store at") and err.count("\n") == 1
+    assert main(["--cache", str(tmp_path)]) == 1
+    assert "no feature store in" in capsys.readouterr().err
+    help_text = build_parser().format_help()
+    for flag in ("--cache", "--featureset", "--resume", "--val-list", "--amp", "--clip-schedule"):
+        assert flag in help_text
+    parsed = parse_config(["--channels", "8,16", "--clip-schedule", "0:0,5:0.01", "--no-augment"])
+    assert parsed.channels == (8, 16) and parsed.clip_schedule == ((0, 0.0), (5, 0.01))
+    assert parsed.augment is False and parsed.amp is None
+
+
+def test_random_weight_feature_sets_warn(tiny_store, tmp_path):
+    with pytest.warns(UserWarning, match="RANDOM CLIP weights"):
+        Trainer(config(tiny_store, tmp_path, epochs=1))
