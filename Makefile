@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# `make demo DEMO_MODEL=ViT-B-16 DEMO_PRETRAINED=openai` uses real CLIP (downloads its weights once).
 DEMO_DIR ?= demo
 DEMO_MODEL ?= test-ViT-tiny
+DEMO_PRETRAINED ?= none
+DEMO_EPOCHS ?= 8
 
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 120
@@ -24,7 +27,16 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m pipeline.demo --out $(DEMO_DIR) --model $(DEMO_MODEL)
+	rm -rf $(DEMO_DIR)
+	$(PY) -m pipeline.synthetic $(DEMO_DIR)/scenes --small --scenes 4
+	$(PY) -m flows.extract_clip --root $(DEMO_DIR)/scenes --dataset synthetic \
+		--store $(DEMO_DIR)/features.zarr --model $(DEMO_MODEL) --pretrained $(DEMO_PRETRAINED)
+	$(PY) -m storage.inspect $(DEMO_DIR)/features.zarr
+	$(PY) -m model.train --cache $(DEMO_DIR)/features.zarr --out $(DEMO_DIR)/run \
+		--epochs $(DEMO_EPOCHS)
+	@echo
+	@echo "demo outputs: scenes $(DEMO_DIR)/scenes, store $(DEMO_DIR)/features.zarr,"
+	@echo "  run $(DEMO_DIR)/run (checkpoints/, metrics.jsonl, curves.png, tensorboard/)"
 
 clean:
 	rm -rf $(DEMO_DIR) .prefect
