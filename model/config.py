@@ -30,7 +30,7 @@ class TrainConfig:
                                    "(default: a seeded --val-fraction of the scenes)")
     val_fraction: float = _option(0.2, "fraction of scenes held out for validation when there "
                                   "is no --val-list")
-    epochs: int = _option(30, "epochs to train")
+    epochs: int | None = _option(None, "epochs to train (default 30; with --resume, the run's own)")
     batch_scenes: int = _option(2, "scenes per training step")
     lr: float = _option(2e-3, "peak learning rate of AdamW")
     weight_decay: float = _option(0.05, "AdamW weight decay")
@@ -48,6 +48,15 @@ class TrainConfig:
     channels: tuple[int, ...] = _option((32, 64, 96, 128), "backbone width per level, finest first")
     width: int = _option(256, "width of the projected 2D, 3D and fused features")
     use_2d: bool = _option(True, "fuse the cached 2D features (--no-use-2d: the 3D-only model)")
+    instance_head: bool = _option(True, "train the instance branch (offsets to instance centres)")
+    semantic_weight: float | None = _option(
+        None, "weight of the semantic loss (default: the seed's 0.4, or 0.5 with --no-use-2d)")
+    offset_weight: float = _option(1.0, "weight of the instance offset L1 loss")
+    direction_weight: float = _option(1.0, "weight of the instance offset direction loss")
+    cluster_radius: float = _option(0.03, "instance clustering: grid cell of shifted points, metres")
+    min_instance_points: int = _option(50, "instance clustering: smallest instance kept, points")
+    min_region_size: int = _option(100, "instance AP: ground truth under this many points is "
+                                   "ignored (ScanNet's 100)")
     clip_schedule: tuple[tuple[int, float], ...] = _option(
         ((0, 0.0), (11, 0.001), (21, 0.01)),
         "CLIP consistency weight steps as epoch:weight, e.g. 0:0,11:0.001,21:0.01")

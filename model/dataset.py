@@ -19,7 +19,7 @@ import torch
 
 from model.batch import PointBatch
 from pipeline.projection import GridMapping, fuse_features
-from storage.store import FeatureStore
+from storage.store import FeatureStore, SceneArrays
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +114,17 @@ class CachedScenes:
         store = self.sources[scene_id]
         scene = store.scene(scene_id)
         features = store.features(scene_id, self.featureset)
-        description = features.description
         usable = scene.valid & features.done
+        return self.attach(scene_id, scene, usable, features.spatial[usable],
+                           features.global_[usable], features.description)
+
+    def attach(self, scene_id: str, scene: SceneArrays, usable: np.ndarray, spatial, global_,
+               description: dict) -> SceneSample:
+        """Project the spatial features of the `usable` frames onto the scene's points.
+
+        usable: (F,) bool frames to use. spatial: (V, gh, gw, C) and global_: (V, D) of those V
+        frames, numpy or torch. The benchmarks' online-CLIP baseline passes live features here.
+        """
         device = self.device
         as_tensor = lambda array, dtype: torch.as_tensor(np.ascontiguousarray(array), dtype=dtype,
                                                           device=device)
@@ -132,7 +141,7 @@ class CachedScenes:
             as_tensor(scene.intrinsic_depth, torch.float32),
             as_tensor(scene.depth[usable], torch.float32),
             as_tensor(scene.intrinsic_color, torch.float32),
-            as_tensor(features.spatial[usable], torch.float16),
+            as_tensor(spatial, torch.float16),
             mapping,
             depth_scale=scene.depth_scale,
             depth_threshold=self.projection.depth_threshold,
@@ -150,7 +159,7 @@ class CachedScenes:
             instance=as_tensor(scene.instance, torch.int64),
             segment=as_tensor(scene.segment, torch.int64),
             view_visible=fused.view_visible,
-            view_global=as_tensor(features.global_[usable], torch.float32),
+            view_global=as_tensor(global_, torch.float32),
         )
 
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from model.backbone import SparseUNet, SparseUNetConfig
 from model.batch import PointBatch
 from model.heads import mlp, semantic_head
+from model.instance import offset_head
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class FusionConfig:
     use_2d: False gives the pure-3D model (no 2D projection, no gate) for ablations.
     view_feature_clamp: fused features are clamped to [-c, c] before the per-view mean that the
         CLIP consistency loss compares, so one extreme point cannot dominate a view.
+    instance_head: add the "offset" head (model.instance): offsets to instance centres.
     """
 
     backbone: SparseUNetConfig = field(default_factory=SparseUNetConfig)
@@ -41,6 +43,7 @@ class FusionConfig:
     clip_dim: int = 512
     use_2d: bool = True
     view_feature_clamp: float = 10.0
+    instance_head: bool = True
 
 
 @dataclass
@@ -49,7 +52,8 @@ class ModelOutput:
 
     fused: (P, width) float, the gated features the heads read.
     gate: (P,) float in [0, 1], weight of the 2D path per point; 0 where unseen or use_2d=False.
-    head_outputs: head name -> (P, ...) output; "semantic" -> (P, num_classes) logits.
+    head_outputs: head name -> (P, ...) output; "semantic" -> (P, num_classes) logits,
+        "offset" -> (P, 3) offsets to the instance centre in metres (with the instance head).
     view_embed: (V, clip_dim) float, clip_proj of the mean clamped fused feature of the points
         each view sees (zero-feature mean for views that see none).
     view_point_count: (V,) int64, how many batch points each view sees; 0 means skip the view.
@@ -87,8 +91,8 @@ def pool_views(features: Tensor, view_of_pair: Tensor, view_point_index: Tensor,
 
 
 class FusionModel(nn.Module):
-    """PointBatch -> ModelOutput. Heads live in `heads` (a ModuleDict keyed by output name); an
-    instance head is one more entry there and one more term in model.losses."""
+    """PointBatch -> ModelOutput. Heads live in `heads` (a ModuleDict keyed by output name):
+    "semantic" and, with config.instance_head, "offset" (model.instance)."""
 
     def __init__(self, config: FusionConfig = FusionConfig()):
         super().__init__()
@@ -102,6 +106,8 @@ class FusionModel(nn.Module):
             self.gate_mlp = mlp((2 * width, config.gate_hidden, 1))
         self.heads = nn.ModuleDict(
             {"semantic": semantic_head(width, config.head_hidden, config.num_classes)})
+        if config.instance_head:
+            self.heads["offset"] = offset_head(width, config.head_hidden)
         self.clip_proj = nn.Linear(width, config.clip_dim)
 
     def forward(self, batch: PointBatch) -> ModelOutput:

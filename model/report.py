@@ -18,7 +18,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     epochs = [record["epoch"] for record in history]
     figure, (losses, miou) = plt.subplots(1, 2, figsize=(10, 4))
     for split, style in (("train", "-"), ("val", "--")):
-        for name in ("total", "semantic", "clip"):
+        for name in ("total", "semantic", "offset", "clip"):
             losses.plot(epochs, [r[split][name] for r in history], style, label=f"{split} {name}")
         miou.plot(epochs, [r[split]["miou"] for r in history], style, label=split)
     losses.set(xlabel="epoch", ylabel="loss", yscale="log", title="losses")
@@ -33,11 +33,12 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
 def format_summary(history: list[dict[str, Any]], out: Path, featureset: str) -> str:
     """Per-epoch table, the best epoch's per-class IoU, and where the outputs are."""
     lines = [f"{'epoch':>5} {'lr':>9} {'train loss':>10} {'train mIoU':>10} {'val loss':>9} "
-             f"{'val mIoU':>8} {'skipped':>7} {'s':>6}"]
+             f"{'val mIoU':>8} {'val AP':>6} {'AP50':>6} {'AP25':>6} {'skipped':>7} {'s':>6}"]
     for r in history:
+        ap = " ".join(f"{r['val'].get(k, float('nan')):>6.3f}" for k in ("ap", "ap50", "ap25"))
         lines.append(f"{r['epoch']:>5} {r['lr']:>9.2e} {r['train']['total']:>10.4f} "
                      f"{r['train']['miou']:>10.3f} {r['val']['total']:>9.4f} {r['val']['miou']:>8.3f} "
-                     f"{r['skipped_steps']:>7} {r['seconds']:>6.1f}")
+                     f"{ap} {r['skipped_steps']:>7} {r['seconds']:>6.1f}")
     if history:
         best = max(history, key=lambda r: r["val"]["miou"])
         lines.append(f"\nbest val mIoU {best['val']['miou']:.3f} at epoch {best['epoch']}; "

@@ -23,6 +23,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +38,16 @@ from model.config import TrainConfig, parse_config
 from model.dataset import AugmentConfig, CachedScenes, ProjectionConfig, collate
 from model.fusion import FusionConfig, FusionModel
 from model.losses import LossConfig, clip_weight_schedule, compute_losses, finite_or_skip
-from model.metrics import class_iou, confusion_matrix, mean_iou
+from model.evaluate import LOSS_TERMS, evaluate
+from model.instance import ClusterConfig
+from model.metrics import confusion_matrix, mean_iou
 from model.report import format_summary, plot_curves
 from model.sources import choose_featureset, discover_stores, scene_sources, split_scenes
 from storage.errors import UserError
 
 log = logging.getLogger(__name__)
 
-LOSS_TERMS = ("total", "semantic", "clip")
-
+DEFAULT_EPOCHS = 30
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -65,6 +67,7 @@ def build_model(config: TrainConfig, description: dict[str, Any]) -> FusionModel
         clip_dim=int(description["global_dim"]),
         width=config.width,
         use_2d=config.use_2d,
+        instance_head=config.instance_head,
     ))
 
 
@@ -108,31 +111,6 @@ def train_step(
             output.semantic_logits.detach())
 
 
-@torch.no_grad()
-def evaluate(model: FusionModel, scenes: CachedScenes, scene_ids: list[str], epoch: int,
-             loss_config: LossConfig, amp: bool) -> dict[str, Any]:
-    """Loss terms (mean over scenes), mIoU and per-class IoU over `scene_ids`, unaugmented."""
-    model.eval()
-    num_classes = model.config.num_classes
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=scenes.device)
-    sums = dict.fromkeys(LOSS_TERMS, 0.0)
-    for scene_id in scene_ids:
-        batch = collate([scenes.get(scene_id)], None, torch.Generator())
-        with torch.autocast(batch.device.type, dtype=torch.float16, enabled=amp):
-            output = model(batch)
-        losses = compute_losses(output, batch, epoch, loss_config)
-        for name in LOSS_TERMS:
-            sums[name] += float(losses[name])
-        confusion += confusion_matrix(output.semantic_logits.argmax(1), batch.semantic, num_classes)
-    return {**{name: value / len(scene_ids) for name, value in sums.items()},
-            "miou": mean_iou(confusion), "class_iou": _floats(class_iou(confusion))}
-
-
-def _floats(values: torch.Tensor) -> list[float | None]:
-    """JSON-friendly: NaN (class absent) becomes None."""
-    return [None if math.isnan(v) else v for v in values.tolist()]
-
-
 @dataclass
 class EpochState:
     """Where a run stands inside an epoch: all a checkpoint needs to continue it exactly."""
@@ -152,10 +130,14 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         checkpoint = _load_checkpoint(config.resume) if config.resume else None
         if checkpoint is not None:
-            # the resumed run's settings win, except where to read the stores from and how long
+            # the resumed run's settings win, except where to read the stores from, the device
+            # and, if given, a new number of epochs (which stretches the learning-rate schedule)
             saved = TrainConfig(**_tuples(checkpoint["config"]))
-            config = dataclasses.replace(saved, cache=config.cache, epochs=config.epochs,
-                                         resume=config.resume, device=config.device)
+            config = dataclasses.replace(saved, cache=config.cache, resume=config.resume,
+                                         epochs=config.epochs or saved.epochs,
+                                         device=config.device)
+        elif config.epochs is None:
+            config = dataclasses.replace(config, epochs=DEFAULT_EPOCHS)
         self.config = config
         self.device = resolve_device(config.device)
         self.amp = self.device.type == "cuda" if config.amp is None else config.amp
@@ -181,8 +163,15 @@ class Trainer:
             ProjectionConfig(config.depth_threshold, config.relative_threshold),
             cache_bytes=config.scene_cache_gb * 1e9)
         self.model = build_model(config, self.description).to(self.device)
-        self.loss_config = LossConfig(clip_schedule=config.clip_schedule,
+        semantic_weight = config.semantic_weight
+        if semantic_weight is None:  # the seed's weights: 0.4 with fusion, 0.5 without
+            semantic_weight = 0.4 if config.use_2d else 0.5
+        self.loss_config = LossConfig(semantic_weight=semantic_weight,
+                                      offset_weight=config.offset_weight,
+                                      direction_weight=config.direction_weight,
+                                      clip_schedule=config.clip_schedule,
                                       temperature=config.temperature)
+        self.cluster = ClusterConfig(config.cluster_radius, config.min_instance_points)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr,
                                            weight_decay=config.weight_decay)
         self.steps_per_epoch = math.ceil(len(self.train_ids) / config.batch_scenes)
@@ -196,8 +185,6 @@ class Trainer:
             self.out = Path(config.out) if config.out else _run_folder_of(Path(config.resume))
         else:
             self.out = Path(config.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-        (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        _write_history(self.out / "metrics.jsonl", self.history)
 
     # ------------------------------------------------------------------ the loop
 
@@ -206,6 +193,8 @@ class Trainer:
         from torch.utils.tensorboard import SummaryWriter
 
         config = self.config
+        (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        _write_history(self.out / "metrics.jsonl", self.history)  # a resumed run's, truncated
         log.info("training on %d scenes, validating on %d, feature set %s, %s%s; run folder %s",
                  len(self.train_ids), len(self.val_ids), self.featureset, self.device,
                  " with AMP" if self.amp else "", self.out)
@@ -244,33 +233,44 @@ class Trainer:
             state.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
         augmentation = AugmentConfig() if config.augment else None
         start = time.perf_counter()
+        data_seconds = 0.0
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
                    initial=state.step, leave=False)
-        for batch_ids in batches[state.step:]:
-            batch = collate([self.scenes.get(s) for s in batch_ids], augmentation, augment_rng)
-            result = train_step(self.model, batch, self.optimizer, self.scaler, epoch,
-                                self.loss_config, grad_clip=config.grad_clip, amp=self.amp)
-            self.scheduler.step()
-            if result is None:
-                state.skipped += 1
-                log.warning("epoch %d: skipped a step with a non-finite loss (scenes %s)",
-                            epoch, ", ".join(batch_ids))
-            else:
-                losses, logits = result
-                for name in LOSS_TERMS:
-                    state.sums[name] += losses[name]
-                state.steps_done += 1
-                state.confusion += confusion_matrix(logits.argmax(1), batch.semantic,
-                                                    num_classes).cpu()
-                bar.set_postfix(loss=f"{losses['total']:.3f}")
-            state.step += 1
-            state.augment_rng = augment_rng.get_state()
-            bar.update()
-            if self._stop.requested:
-                raise _Stopped
+        todo = batches[state.step:]
+        with ThreadPoolExecutor(1, thread_name_prefix="scene-prefetch") as prefetch:
+            load = lambda ids: [self.scenes.get(s) for s in ids]  # noqa: E731
+            upcoming = prefetch.submit(load, todo[0]) if todo else None
+            for index, batch_ids in enumerate(todo):
+                waited = time.perf_counter()
+                samples = upcoming.result()
+                if index + 1 < len(todo):  # read and project the next scenes during this step
+                    upcoming = prefetch.submit(load, todo[index + 1])
+                batch = collate(samples, augmentation, augment_rng)
+                data_seconds += time.perf_counter() - waited
+                result = train_step(self.model, batch, self.optimizer, self.scaler, epoch,
+                                    self.loss_config, grad_clip=config.grad_clip, amp=self.amp)
+                self.scheduler.step()
+                if result is None:
+                    state.skipped += 1
+                    log.warning("epoch %d: skipped a step with a non-finite loss (scenes %s)",
+                                epoch, ", ".join(batch_ids))
+                else:
+                    losses, logits = result
+                    for name in LOSS_TERMS:
+                        state.sums[name] += losses[name]
+                    state.steps_done += 1
+                    state.confusion += confusion_matrix(logits.argmax(1), batch.semantic,
+                                                        num_classes).cpu()
+                    bar.set_postfix(loss=f"{losses['total']:.3f}")
+                state.step += 1
+                state.augment_rng = augment_rng.get_state()
+                bar.update()
+                if self._stop.requested:
+                    raise _Stopped
         bar.close()
         seconds = time.perf_counter() - start
-        val = evaluate(self.model, self.scenes, self.val_ids, epoch, self.loss_config, self.amp)
+        val = evaluate(self.model, self.scenes, self.val_ids, epoch, self.loss_config, self.amp,
+                       self.cluster, min_region_size=config.min_region_size)
         train = {name: state.sums[name] / max(1, state.steps_done) for name in LOSS_TERMS}
         record = {
             "epoch": epoch + 1,
@@ -280,10 +280,11 @@ class Trainer:
             "val": val,
             "skipped_steps": state.skipped,
             "seconds": seconds,
+            "data_wait_fraction": data_seconds / seconds if seconds > 0 else 0.0,
         }
-        log.info("epoch %d: train loss %.4f mIoU %.3f | val loss %.4f mIoU %.3f | %.1f s",
+        log.info("epoch %d: train loss %.4f mIoU %.3f | val loss %.4f mIoU %.3f AP50 %.3f | %.1f s",
                  epoch + 1, train["total"], record["train"]["miou"], val["total"], val["miou"],
-                 seconds)
+                 val.get("ap50", float("nan")), seconds)
         return record
 
     # ------------------------------------------------------------------ checkpoints
@@ -396,8 +397,9 @@ def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
 def _log_scalars(writer, record: dict[str, Any]) -> None:
     epoch = record["epoch"]
     for split in ("train", "val"):
-        for name in (*LOSS_TERMS, "miou"):
-            writer.add_scalar(f"{split}/{name}", record[split][name], epoch)
+        for name in (*LOSS_TERMS, "miou", "ap", "ap50", "ap25"):
+            if name in record[split]:
+                writer.add_scalar(f"{split}/{name}", record[split][name], epoch)
     writer.add_scalar("lr", record["lr"], epoch)
     writer.add_scalar("clip_weight", record["clip_weight"], epoch)
 

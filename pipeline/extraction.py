@@ -1,8 +1,9 @@
 """Stage 1's work for one scene: decode frames, run the frozen encoder, write the store.
 
 Three things run at once so that the model is the bottleneck: a thread pool decodes and
-resizes the next frames (JPEG, PNG, pose text -> model input) while the model encodes the
-current batch, and a writer thread puts the previous batch into the store. Plain functions, no Prefect: flows/ wraps them.
+resizes the next batch of frames (JPEG, PNG, pose text -> model input) while the model encodes
+the current one, and a writer thread puts the previous batch into the store. Plain functions,
+no Prefect: flows/ wraps them.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class SceneReport:
     frames: int
     already_done: int = 0
     encoded: int = 0
+    skipped_concurrent: int = 0  # frames another run did while this one was at the scene
     invalid: dict[int, str] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -69,17 +71,21 @@ def extract_scene(
     *,
     stride: int = 1,
     batch_size: int = 16,
-    decode_workers: int = 4,
+    decode_workers: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> SceneReport:
     """Encode every frame of `scene` whose `done` flag is unset, and write it.
 
     encoder: a pipeline.clip_encoder.FrozenClipEncoder (preprocess + encode + describe).
+    decode_workers: threads decoding frames ahead of the model; None: 1 when the model runs on
+    the CPU (more threads would take cores from the model's own), 4 on a GPU.
     on_progress(done, total) is called after each written batch.
     Invalid frames are written with their reason and marked done without features.
     Raises SceneError when the scene has no valid frame at all.
     """
     start = time.perf_counter()
+    if decode_workers is None:
+        decode_workers = 1 if encoder.device.type == "cpu" else 4
     frame_ids = register_scene(store, scene, stride)
     description = encoder.describe()
     store.create_features(
@@ -94,9 +100,19 @@ def extract_scene(
     with ThreadPoolExecutor(1, thread_name_prefix="store-writer") as writer:
         writes: list[Future] = []
         completed = report.already_done
-        batches = _decoded_batches(scene, frame_ids, pending, encoder.preprocess, batch_size,
-                                   decode_workers)
+        batches = _decoded_batches(scene, frame_ids,
+                                   _batches_in_random_order(pending, batch_size),
+                                   encoder.preprocess, decode_workers)
         for positions, frames, inputs in batches:
+            # Another run on the same store may have done some of these frames meanwhile: skip
+            # them, so two concurrent runs share the work (at most one batch each overlaps).
+            handled = len(positions)
+            done_now = store.done(scene.scene_id, featureset, positions)
+            keep = [i for i in range(len(positions)) if not done_now[i]]
+            report.skipped_concurrent += len(positions) - len(keep)
+            positions = [positions[i] for i in keep]
+            frames = [frames[i] for i in keep]
+            inputs = [inputs[i] for i in keep if inputs[i] is not None]
             spatial = global_ = None
             if inputs:
                 spatial, global_ = encoder.encode(torch.stack(inputs))
@@ -106,12 +122,12 @@ def extract_scene(
                 if not frame.valid:
                     report.invalid[frame.frame_id] = frame.reason
                     log.warning("%s: frame %d is invalid: %s", scene.scene_id, frame.frame_id, frame.reason)
-            writes.append(writer.submit(_write_batch, store, scene.scene_id, featureset, positions,
-                                        frames, spatial, global_))
-            _raise_finished_errors(writes)
-            completed += len(frames)
-            if on_progress is not None:
-                on_progress(completed, report.frames)
+            while len(writes) >= 2:  # at most one batch behind: what is encoded is soon done
+                writes.pop(0).result()
+            if positions:
+                writes.append(writer.submit(_write_batch, store, scene.scene_id, featureset,
+                                            scene.depth_size, positions, frames, spatial, global_))
+            completed += handled
         for write in writes:
             write.result()
     if not store.scene(scene.scene_id, with_depth=False).valid.any():
@@ -124,44 +140,43 @@ def extract_scene(
 
 
 def _decoded_batches(
-    scene: Scene, frame_ids: np.ndarray, pending: np.ndarray,
-    preprocess: Callable[[np.ndarray], torch.Tensor], batch_size: int, workers: int,
-) -> Iterator[tuple[list[int], list[Frame], list[torch.Tensor]]]:
-    """Batches of (positions, frames, model inputs of the valid frames), decoded and
-    preprocessed by a thread pool ahead of the consumer."""
+    scene: Scene, frame_ids: np.ndarray, batches: list[list[int]],
+    preprocess: Callable[[np.ndarray], torch.Tensor], workers: int,
+) -> Iterator[tuple[list[int], list[Frame], list[torch.Tensor | None]]]:
+    """Each batch of positions as (positions, frames, model inputs), decoded and preprocessed by
+    a thread pool one batch ahead of the consumer; an invalid frame's input is None."""
 
     def read(position: int) -> tuple[Frame, torch.Tensor | None]:
         frame = scene.read_frame(int(frame_ids[position]))
         return frame, preprocess(frame.color) if frame.valid else None
 
     with ThreadPoolExecutor(workers, thread_name_prefix="frame-decoder") as pool:
-        ahead = 2 * batch_size  # enough decoded frames to cover one model step
-        futures: list[Future] = []
-        batch_positions: list[int] = []
-        batch_frames: list[Frame] = []
-        batch_inputs: list[torch.Tensor] = []
-        queue = iter(pending.tolist())
-        for position in queue:
-            futures.append((position, pool.submit(read, position)))
-            if len(futures) >= ahead:
-                break
-        while futures:
-            position, future = futures.pop(0)
-            next_position = next(queue, None)
-            if next_position is not None:
-                futures.append((next_position, pool.submit(read, next_position)))
-            frame, model_input = future.result()
-            batch_positions.append(position)
-            batch_frames.append(frame)
-            if model_input is not None:
-                batch_inputs.append(model_input)
-            if len(batch_positions) == batch_size or not futures:
-                yield batch_positions, batch_frames, batch_inputs
-                batch_positions, batch_frames, batch_inputs = [], [], []
+        submit = lambda positions: [pool.submit(read, p) for p in positions]  # noqa: E731
+        upcoming = submit(batches[0]) if batches else []
+        for index, positions in enumerate(batches):
+            current = upcoming
+            if index + 1 < len(batches):  # decode the next batch while this one is encoded
+                upcoming = submit(batches[index + 1])
+            results = [future.result() for future in current]
+            yield positions, [frame for frame, _ in results], [x for _, x in results]
 
 
-def _write_batch(store, scene_id, featureset, positions, frames, spatial, global_) -> None:
-    depth_size = store.root["scenes"][scene_id].attrs["depth_size"]
+def _batches_in_random_order(pending: np.ndarray, batch_size: int) -> list[list[int]]:
+    """`pending` positions in batches of `batch_size` (consecutive frames), in random order.
+
+    The batches are the same groups whatever the order, so the numbers are too. Two runs on one
+    scene then take batches in independent orders: each skips what the other has done (see
+    extract_scene), and they collide only when both pick the same batch at the same moment,
+    a few batches per scene. (In one shared order, the run behind would skip up to the other
+    and then follow it in lockstep, doing everything twice.)
+    """
+    batches = [pending[i:i + batch_size].tolist() for i in range(0, len(pending), batch_size)]
+    order = np.random.default_rng().permutation(len(batches))
+    return [batches[i] for i in order]
+
+
+def _write_batch(store, scene_id, featureset, depth_size, positions, frames, spatial,
+                 global_) -> None:
     depth = np.stack([
         f.depth_mm if f.valid else np.zeros(depth_size, np.uint16) for f in frames
     ])
@@ -178,9 +193,3 @@ def _write_batch(store, scene_id, featureset, positions, frames, spatial, global
         store.write_features(scene_id, featureset, valid_positions, spatial=spatial, global_=global_)
     if invalid_positions:
         store.write_features(scene_id, featureset, invalid_positions, spatial=None, global_=None)
-
-
-def _raise_finished_errors(writes: list[Future]) -> None:
-    """Surface a failed store write at once instead of after the whole scene."""
-    while writes and writes[0].done():
-        writes.pop(0).result()

@@ -11,7 +11,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image
 
 ResizePolicy = Literal["squash", "crop"]
 
@@ -34,22 +34,22 @@ class Preprocess:
             raise ValueError(f"resize must be 'squash' or 'crop', got {self.resize!r}")
 
     def resized(self, color: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 RGB -> (3, H_in, W_in) float32 in [0, 1], not normalised."""
-        image = torch.from_numpy(np.require(color, requirements=["C", "W"])).permute(2, 0, 1)[None].float() / 255
+        """(H, W, 3) uint8 RGB -> (3, H_in, W_in) float32 in [0, 1], not normalised.
+
+        Pillow's bicubic resampling (antialiased when shrinking, as open_clip's own preprocess)
+        of a source box given in continuous pixel coordinates: the whole frame for squash, the
+        centred crop for crop, so no rounding of the crop offset ever shifts the grid.
+        """
         (color_h, color_w), (input_h, input_w) = color.shape[:2], self.input_size
-        if self.resize == "squash":
-            out = F.interpolate(image, size=(input_h, input_w), mode="bicubic",
-                                antialias=True, align_corners=False)
-        else:
+        box = (0.0, 0.0, float(color_w), float(color_h))
+        if self.resize == "crop":
             scale = max(input_h / color_h, input_w / color_w)
-            # Resize with the exact continuous scale, then crop: `scale_factor` with
-            # recompute_scale_factor=False samples at (x + 0.5) / scale - 0.5, as GridMapping assumes.
-            out = F.interpolate(image, scale_factor=scale, mode="bicubic", antialias=True,
-                                align_corners=False, recompute_scale_factor=False)
-            top = int(round((out.shape[-2] - input_h) / 2))
-            left = int(round((out.shape[-1] - input_w) / 2))
-            out = out[..., top:top + input_h, left:left + input_w]
-        return out[0].clamp_(0, 1)
+            crop_w, crop_h = input_w / scale, input_h / scale  # the crop, in colour pixels
+            left, top = (color_w - crop_w) / 2, (color_h - crop_h) / 2
+            box = (left, top, left + crop_w, top + crop_h)
+        image = Image.fromarray(np.ascontiguousarray(color)).resize(
+            (input_w, input_h), Image.Resampling.BICUBIC, box=box)
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div_(255)
 
     def __call__(self, color: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 RGB -> (3, H_in, W_in) float32, normalised with the model's mean/std."""

@@ -93,10 +93,11 @@ def project(
     for start, stop in _chunks(cam_to_world.shape[0], view_chunk):
         camera = _to_camera(points, cam_to_world[start:stop])
         uv = _pixels(camera, _view_intrinsics(intrinsic, start, stop, points.device))
-        depth_m = _depth_metres(depth[start:stop], depth_scale, points.device)
+        depth_raw = _depth_on(depth[start:stop], points.device)
         uv_chunks.append(uv)
         visible_chunks.append(
-            _visible(camera[..., 2], uv, depth_m, depth_threshold, relative_threshold, border))
+            _visible(camera[..., 2], uv, depth_raw, depth_scale, depth_threshold,
+                     relative_threshold, border))
     return torch.cat(uv_chunks), torch.cat(visible_chunks)
 
 
@@ -217,8 +218,8 @@ def fuse_features(
     for start, stop in _chunks(cam_to_world.shape[0], view_chunk):
         camera = _to_camera(points, cam_to_world[start:stop])
         uv_depth = _pixels(camera, _view_intrinsics(intrinsic_depth, start, stop, device))
-        depth_m = _depth_metres(depth[start:stop], depth_scale, device)
-        visible = _visible(camera[..., 2], uv_depth, depth_m, depth_threshold,
+        depth_raw = _depth_on(depth[start:stop], device)
+        visible = _visible(camera[..., 2], uv_depth, depth_raw, depth_scale, depth_threshold,
                            relative_threshold, border)
         uv_color = _pixels(camera, _view_intrinsics(intrinsic_color, start, stop, device))
         grid_uv, inside = mapping.color_to_grid(uv_color)
@@ -315,21 +316,24 @@ def _pixels(camera: Tensor, intrinsic: Tensor) -> Tensor:
     return torch.stack((fx * x / z + cx, fy * y / z + cy), dim=-1)
 
 
-def _depth_metres(depth: Any, depth_scale: float, device: torch.device) -> Tensor:
-    """(c, H, W) depth in any dtype and place -> float32 metres on `device`."""
-    return torch.as_tensor(depth).to(device=device, dtype=torch.float32) * depth_scale
+def _depth_on(depth: Any, device: torch.device) -> Tensor:
+    """(c, H, W) depth of any dtype and place -> a tensor on `device`, dtype kept: only the
+    pixels the points land on are converted to metres (a whole float32 depth map costs more
+    than the projection itself)."""
+    return torch.as_tensor(np.asarray(depth) if not isinstance(depth, Tensor) else depth).to(device)
 
 
-def _visible(z: Tensor, uv: Tensor, depth_m: Tensor, depth_threshold: float,
-             relative_threshold: float, border: int) -> Tensor:
-    """(c, N) camera depths, (c, N, 2) pixels, (c, H, W) metres -> (c, N) bool visibility."""
-    n_views, height, width = depth_m.shape
+def _visible(z: Tensor, uv: Tensor, depth_raw: Tensor, depth_scale: float,
+             depth_threshold: float, relative_threshold: float, border: int) -> Tensor:
+    """(c, N) camera depths, (c, N, 2) pixels, (c, H, W) depth in units of depth_scale metres
+    -> (c, N) bool visibility."""
+    n_views, height, width = depth_raw.shape
     column, row = torch.round(uv).unbind(-1)
     # Every comparison is False for NaN, so non-finite poses fall out here.
     visible = ((z > MIN_Z) & (column >= border) & (column <= width - 1 - border)
                & (row >= border) & (row <= height - 1 - border))
     # Index only where inside: casting NaN or huge coordinates to integers is undefined.
     flat = torch.where(visible, row, 0).long() * width + torch.where(visible, column, 0).long()
-    d = torch.gather(depth_m.reshape(n_views, -1), 1, flat)
+    d = torch.gather(depth_raw.reshape(n_views, -1), 1, flat).float() * depth_scale
     tolerance = torch.clamp(relative_threshold * d, min=depth_threshold)
     return visible & (d > 0) & ((z - d).abs() <= tolerance)

@@ -254,17 +254,28 @@ class FeatureStore:
                 )
         return FeatureArrays(spatial=spatial, global_=global_, done=done, description=description)
 
-    def done(self, scene_id: str, featureset: str) -> np.ndarray:
-        """(F,) bool: which frames of a (complete) scene this feature set has processed."""
+    def done(self, scene_id: str, featureset: str,
+             positions: Sequence[int] | None = None) -> np.ndarray:
+        """(F,) bool: which frames of a (complete) scene this feature set has processed; with
+        `positions`, (len(positions),) for those frames only (one chunk read per frame)."""
         group = self._scene_group(scene_id)
         if "features" not in group or featureset not in group["features"]:
-            return np.zeros(group["frames"]["frame_id"].shape[0], bool)
-        return group["features"][featureset]["done"][:]
+            count = group["frames"]["frame_id"].shape[0] if positions is None else len(positions)
+            return np.zeros(count, bool)
+        done = group["features"][featureset]["done"]
+        if positions is None:
+            return done[:]
+        return done.get_orthogonal_selection(np.asarray(positions, np.int64))
 
     def _frame_ids(self, group: zarr.Group) -> np.ndarray:
         return group["frames"]["frame_id"][:]
 
-    def _scene_group(self, scene_id: str) -> zarr.Group:
+    def _scene_group(self, scene_id: str, *, require_complete: bool = True) -> zarr.Group:
+        """The scene's group. Writers pass require_complete=False: while two runs create the same
+        scene at once, one run's group creation can hide the other's `complete` flag for a moment
+        (both end by setting it), and the arrays a writer needs are there either way."""
+        if not require_complete and "scenes" in self.root and scene_id in self.root["scenes"]:
+            return self.root["scenes"][scene_id]
         if scene_id not in self.scenes():
             known = ", ".join(self.scenes()) or "none"
             raise StoreError(
@@ -355,7 +366,7 @@ class FeatureStore:
     ) -> None:
         """Create (or open) a scene's arrays for one feature set; existing data is kept."""
         self._require_writable()
-        group = self._scene_group(scene_id)
+        group = self._scene_group(scene_id, require_complete=False)
         n_frames = group["frames"]["frame_id"].shape[0]
         arrays = group.require_group("features").require_group(featureset)
         _per_frame(arrays, "spatial", (n_frames, *grid_size, spatial_dim), "float16", 0)
@@ -379,12 +390,13 @@ class FeatureStore:
         """
         self._require_writable()
         frames = self.root["scenes"][scene_id]["frames"]
-        for i, position in enumerate(positions):
-            frames["pose"][position] = pose[i]
+        reason = np.asarray(reason, dtype=object)
+        for rows, where in _runs(positions):  # contiguous frames: one call, chunks in parallel
+            frames["pose"][where] = np.asarray(pose)[rows]
             if depth is not None:
-                frames["depth"][position] = depth[i]
-            frames["reason"][position] = reason[i]
-            frames["valid"][position] = bool(valid[i])
+                frames["depth"][where] = np.asarray(depth)[rows]
+            frames["reason"][where] = reason[rows]
+            frames["valid"][where] = np.asarray(valid, bool)[rows]
 
     def write_features(
         self,
@@ -402,16 +414,28 @@ class FeatureStore:
         """
         self._require_writable()
         arrays = self.root["scenes"][scene_id]["features"][featureset]
-        for i, position in enumerate(positions):
-            if spatial is not None:
-                arrays["spatial"][position] = spatial[i].astype(np.float16)
-                arrays["global"][position] = global_[i].astype(np.float16)
-        for position in positions:
-            arrays["done"][position] = True
+        runs = _runs(positions)
+        if spatial is not None:
+            for rows, where in runs:
+                arrays["spatial"][where] = np.asarray(spatial)[rows].astype(np.float16)
+                arrays["global"][where] = np.asarray(global_)[rows].astype(np.float16)
+        for _, where in runs:  # only after every feature chunk of the batch is written
+            arrays["done"][where] = True
 
     def _require_writable(self) -> None:
         if self.mode != "a":
             raise StoreError(f"{self.url} is open read-only; open it with mode='a' to write")
+
+
+def _runs(positions: Sequence[int]) -> list[tuple[slice, slice]]:
+    """Split `positions` into runs of consecutive frames: (rows of the batch, frames) slices."""
+    positions = [int(p) for p in positions]
+    runs, start = [], 0
+    for i in range(1, len(positions) + 1):
+        if i == len(positions) or positions[i] != positions[i - 1] + 1:
+            runs.append((slice(start, i), slice(positions[start], positions[i - 1] + 1)))
+            start = i
+    return runs
 
 
 def _per_frame(group: zarr.Group, name: str, shape: tuple, dtype: Any, fill: Any) -> zarr.Array:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import torch
 
 from model.batch import IGNORE_INDEX
@@ -62,3 +64,24 @@ def test_confusion_matrix_and_iou():
     assert math.isclose(iou[0], 1 / 3) and math.isclose(iou[1], 2 / 3) and iou[2] == 0
     assert math.isnan(iou[3])  # absent from the target: no IoU of its own
     assert math.isclose(mean_iou(confusion), (1 / 3 + 2 / 3 + 0) / 3)
+
+
+def test_invalid_frames_never_reach_training(tiny_store, tmp_path):
+    import shutil
+
+    path = tmp_path / "store.zarr"
+    shutil.copytree(tiny_store, path)
+    store = open_store(path, mode="a")
+    (featureset,) = store.featuresets()
+    frames = store.root["scenes"]["scene0000_00"]["frames"]
+    frames["valid"][0] = False
+    frames["reason"][0] = "colour image does not decode (color/0.jpg)"
+    load = lambda: CachedScenes({"scene0000_00": store}, featureset,  # noqa: E731
+                                torch.device("cpu")).load("scene0000_00")
+    before = load()
+    assert before.view_global.shape[0] == 7 and before.view_visible.shape[0] == 7
+    spatial = store.root["scenes"]["scene0000_00"]["features"][featureset]["spatial"]
+    spatial[0] = np.full(spatial.shape[1:], 1000.0, np.float16)  # the invalid frame's features
+    frames["pose"][0] = np.full((4, 4), -np.inf)
+    after = load()
+    torch.testing.assert_close(after.feat2d, before.feat2d, rtol=0, atol=0)

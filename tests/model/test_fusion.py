@@ -195,7 +195,7 @@ def test_forward_and_backward_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         output = model(batch)
         loss = (semantic_loss(output.semantic_logits, batch.semantic)
-                + output.view_embed.float().sum())
+                + output.view_embed.float().sum() + output.head_outputs["offset"].float().sum())
     loss.backward()
     assert torch.isfinite(loss)
     for name, parameter in model.named_parameters():

@@ -131,9 +131,10 @@ def test_compute_losses_weights_the_clip_term_by_epoch():
     output = FusionModel(TINY)(batch)
     early = compute_losses(output, batch, epoch=3)
     late = compute_losses(output, batch, epoch=30, cfg=LossConfig(semantic_weight=2.0))
-    assert set(early) == {"semantic", "clip", "clip_weight", "total"}
+    assert set(early) == {"semantic", "offset", "direction", "clip", "clip_weight", "total"}
     assert early["clip_weight"].item() == 0.0 and late["clip_weight"].item() == pytest.approx(0.01)
-    torch.testing.assert_close(early["total"], early["semantic"])
+    assert early["offset"].item() == 0.0  # make_batch has no instances
+    torch.testing.assert_close(early["total"], 0.4 * early["semantic"])
     torch.testing.assert_close(late["total"], 2.0 * late["semantic"] + 0.01 * late["clip"])
     assert 0.0 < early["clip"].item() < 10.0
     # During warm-up a non-finite CLIP term does not reach the total.
@@ -166,4 +167,4 @@ def test_compute_losses_without_views_is_the_semantic_term():
                                 semantic=torch.tensor([0, 1]))
     losses = compute_losses(output, batch, epoch=50)
     assert losses["clip"].item() == 0.0
-    assert losses["total"].item() == pytest.approx(math.log1p(math.exp(-4.0)), rel=1e-5)
+    assert losses["total"].item() == pytest.approx(0.4 * math.log1p(math.exp(-4.0)), rel=1e-5)

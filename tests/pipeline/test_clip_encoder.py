@@ -171,7 +171,7 @@ def test_preprocess_agrees_with_grid_mapping(resize, input_size):
     colour coordinate that GridMapping sends to that pixel's normalised position."""
     color_h, color_w = 96, 128
     v, u = np.mgrid[0:color_h, 0:color_w]
-    ramp = np.stack([2 * u * 255 / 256, 2 * v * 255 / 192, np.zeros_like(u)], -1).astype(np.uint8)
+    ramp = np.stack([2 * u * 255 / 256, 2 * v * 255 / 192, np.zeros_like(u)], -1).round().astype(np.uint8)
     resized = Preprocess(input_size, (0, 0, 0), (1, 1, 1), resize).resized(ramp) * 255
     red_per_u, green_per_v = 2 * 255 / 256, 2 * 255 / 192
     u_seen = resized[0] / red_per_u  # colour u each input pixel shows, (H_in, W_in)
@@ -183,7 +183,10 @@ def test_preprocess_agrees_with_grid_mapping(resize, input_size):
     expected = torch.stack([2 * (xs + 0.5) / w - 1, 2 * (ys + 0.5) / h - 1], -1)
     interior = (slice(8, -8), slice(8, -8))  # away from the clamped borders of the resampling
     assert inside[interior].all()
-    # 8-bit quantisation of the ramp: ~0.5 colour px; one input pixel is 2/W_in in grid units.
-    err_x = (grid_uv[interior][..., 0] - expected[interior][..., 0]).abs() * w / 2
-    err_y = (grid_uv[interior][..., 1] - expected[interior][..., 1]).abs() * h / 2
-    assert err_x.max() < 1.5 and err_y.max() < 1.5, (err_x.max(), err_y.max())
+    # The ramp and the resized image are both 8-bit: up to ~0.7 colour px of quantisation each
+    # way, 1.75 input px at 2.5x upscaling; one input pixel is 2/W_in in grid units. A shift of
+    # the mapping would move the mean error, quantisation does not.
+    err_x = (grid_uv[interior][..., 0] - expected[interior][..., 0]) * w / 2
+    err_y = (grid_uv[interior][..., 1] - expected[interior][..., 1]) * h / 2
+    assert err_x.abs().max() < 2.0 and err_y.abs().max() < 2.0, (err_x.abs().max(), err_y.abs().max())
+    assert abs(err_x.mean()) < 0.1 and abs(err_y.mean()) < 0.1, (err_x.mean(), err_y.mean())

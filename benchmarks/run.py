@@ -1,0 +1,330 @@
+"""`python -m benchmarks.run`: measure the pipeline against its baselines, write BENCHMARKS.md.
+
+Rows (each a ratio measured in one run where a ratio makes sense, bigger is better):
+
+- extraction: frames/s of the whole extract-clip flow (decode + model + store writes, over the
+  scene tasks' wall time) vs the bare model forward on pre-decoded tensors, same encoder object
+  and batch size; plus the machine's JPEG+PNG decode rate, the ceiling of a decode-bound flow.
+- cached_vs_online: training step time and peak memory with cached features vs CLIP run inside
+  the step (benchmarks.online_clip, one process per mode); CLIP passes of a second experiment.
+- projection: point-view pairs/s of pipeline.projection.project vs the per-view numpy loop of
+  OpenScene's fusion script, and how far their visibility masks agree.
+- store: bytes per frame and compression per feature set, scenes/s of the training data path
+  (store read + projection), and the data-wait fraction of real training epochs.
+- scaling: extraction time vs frames and projection time vs points x views, three sizes each.
+
+--quick uses the tiny model, small sizes and 2 repeats, and leaves BENCHMARKS.md alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.common import machine, repeat
+
+REPO = Path(__file__).resolve().parents[1]
+MARKDOWN = REPO / "BENCHMARKS.md"
+
+
+def _quietly(function, *args, **kwargs):
+    """Run a flow without its console logs and progress bars (the table is the output)."""
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        return function(*args, **kwargs)
+
+
+def write_dataset(root: Path, scenes: int, frames: int, points: int = 20000) -> Path:
+    """Synthetic scenes at ScanNet's sizes (1296x968 JPEG, 640x480 depth)."""
+    from pipeline.synthetic import write_scenes
+
+    if not root.exists():
+        write_scenes(root, n_scenes=scenes, n_frames=frames, n_points=points)
+    return root
+
+
+def bench_extraction(root: Path, work: Path, model: str, batch: int, device: str,
+                     repeats: int) -> dict:
+    from flows.extract_clip import _encoder, extract_clip
+    from pipeline.clip_encoder import EncoderConfig
+    from pipeline.synthetic import SyntheticScene
+
+    config = EncoderConfig(model=model, pretrained="none", device=device)
+    encoder = _encoder(json.dumps(config.__dict__, sort_keys=True))  # the flow's own instance
+    scenes = [SyntheticScene.open(p) for p in sorted(root.iterdir()) if p.is_dir()]
+    inputs = torch.stack([encoder.preprocess(s.read_frame(int(f)).color)
+                          for s in scenes for f in s.frame_ids])
+    n_frames = len(inputs)
+
+    def bare() -> None:
+        for start in range(0, n_frames, batch):
+            encoder.encode(inputs[start:start + batch])
+
+    def decode_all() -> None:  # the flow's per-frame CPU work, on every core
+        with ThreadPoolExecutor(os.cpu_count()) as pool:
+            list(pool.map(lambda a: encoder.preprocess(a[0].read_frame(int(a[1])).color),
+                          [(s, f) for s in scenes for f in s.frame_ids]))
+
+    bare()  # warm-up
+    _quietly(extract_clip, root=str(root), store=str(work / "warmup.zarr"), dataset="synthetic",
+             model=model, pretrained="none", batch_size=batch, device=device, workers=1)
+    flow_fps, bare_fps, ratios = [], [], []
+    for index in range(repeats):
+        bare_fps.append(n_frames / repeat(bare, 1, warmup=0).median)
+        summary = _quietly(extract_clip, root=str(root), store=str(work / f"run{index}.zarr"),
+                           dataset="synthetic", model=model, pretrained="none",
+                           batch_size=batch, device=device, workers=1)
+        flow_fps.append(summary["frames_per_second"])
+        ratios.append(flow_fps[-1] / bare_fps[-1])
+    decode = repeat(decode_all, repeats)
+    return {
+        "model": model, "frames": n_frames, "batch": batch, "repeats": repeats,
+        "flow_fps": statistics.median(flow_fps), "bare_fps": statistics.median(bare_fps),
+        "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "decode_fps": n_frames / decode.median,
+        "store": str(work / "run0.zarr"),
+    }
+
+
+def bench_cached_vs_online(store: str, root: Path, model: str, device: str, steps: int) -> dict:
+    def run(mode: str) -> dict:
+        command = [sys.executable, "-m", "benchmarks.online_clip", "--store", store, "--mode", mode,
+                   "--scenes-root", str(root), "--model", model, "--steps", str(steps),
+                   "--device", device]
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True)
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    cached, online = run("cached"), run("online")
+    return {
+        "model": model, "steps": steps, "views_per_step": cached["views_per_step"],
+        "cached_step_s": cached["step_seconds"], "online_step_s": online["step_seconds"],
+        "ratio": online["step_seconds"] / cached["step_seconds"],
+        "cached_peak_mb": cached["peak_memory_mb"], "online_peak_mb": online["peak_memory_mb"],
+        "online_clip_passes_per_step": online["clip_forward_passes"] // (steps + 1),
+        "second_experiment_clip_passes": cached["clip_forward_passes"],
+        "cached_imports_open_clip": cached["open_clip_imported"],
+    }
+
+
+def bench_projection(store_path: str, device: str, repeats: int) -> dict:
+    from pipeline.projection import project, project_loop_numpy
+    from storage import open_store
+
+    store = open_store(store_path)
+    scene = store.scene(store.scenes()[0])
+    points = torch.as_tensor(scene.xyz, device=device)
+    args = (scene.pose, scene.intrinsic_depth, scene.depth)
+    vectorised = repeat(lambda: project(points, *args, depth_scale=scene.depth_scale), repeats)
+    loop = repeat(lambda: project_loop_numpy(scene.xyz, *args, depth_scale=scene.depth_scale),
+                  repeats)
+    _, fast = project(points, *args, depth_scale=scene.depth_scale)
+    _, slow = project_loop_numpy(scene.xyz, *args, depth_scale=scene.depth_scale)
+    fast = fast.cpu().numpy()
+    pairs = fast.size
+    return {
+        "points": len(scene.xyz), "views": len(scene.pose), "repeats": repeats,
+        "vectorised_pairs_per_s": pairs / vectorised.median, "loop_pairs_per_s": pairs / loop.median,
+        "ratio": loop.median / vectorised.median,
+        "mask_agreement": float((fast == slow).mean()),
+        "visible_iou": float((fast & slow).sum() / max(1, (fast | slow).sum())),
+    }
+
+
+def bench_store(store_path: str, work: Path, repeats: int, device: str) -> dict:
+    from model.config import TrainConfig
+    from model.dataset import CachedScenes
+    from model.train import Trainer
+    from storage import open_store
+    from storage.inspect import summarise
+
+    store = open_store(store_path)
+    report = summarise(store)
+    (featureset,) = store.featuresets()
+    ids = store.scenes()
+    loader = CachedScenes({s: store for s in ids}, featureset, torch.device(device), cache_bytes=0)
+    load = repeat(lambda: [loader.load(s) for s in ids], repeats)
+
+    def data_wait(cache_gb: float) -> float:
+        config = TrainConfig(cache=store_path, out=str(work / f"train-{cache_gb}"), epochs=3,
+                             batch_scenes=1, val_fraction=0.3, plot=False, device=device,
+                             scene_cache_gb=cache_gb)
+        history = _quietly(Trainer(config).fit)
+        return statistics.median(r["data_wait_fraction"] for r in history[1:])
+
+    featuresets = {fid: {"model": d["model"], "bytes_per_frame": d["storage"]["bytes_per_frame"],
+                         "compression": d["storage"]["compression_ratio"]}
+                   for fid, d in report["featuresets"].items()}
+    return {
+        "featuresets": featuresets,
+        "scenes_per_s": len(ids) / load.median,
+        "data_wait_fraction": data_wait(2.0),
+        "data_wait_fraction_uncached": data_wait(0.0),
+    }
+
+
+def bench_scaling(root_of, work: Path, device: str, repeats: int, sizes) -> dict:
+    from pipeline.clip_encoder import EncoderConfig, FrozenClipEncoder
+    from pipeline.extraction import extract_scene
+    from pipeline.projection import project
+    from pipeline.synthetic import SyntheticScene
+    from storage import open_store
+
+    encoder = FrozenClipEncoder(EncoderConfig(model="test-ViT-tiny", pretrained="none",
+                                              device=device))
+    extraction = []
+    for frames in sizes["frames"]:
+        scene = SyntheticScene.open(root_of(frames) / "scene0000_00")
+
+        def extract(frames=frames, scene=scene) -> None:
+            path = work / f"scaling-{frames}.zarr"
+            shutil.rmtree(path, ignore_errors=True)
+            store = open_store(path, mode="a")
+            extract_scene(scene, store, encoder, store.register_featureset(encoder.describe()))
+
+        extraction.append({"frames": frames, "seconds": repeat(extract, repeats).median})
+    projection = []
+    generator = torch.Generator().manual_seed(0)
+    for n_points, n_views in sizes["projection"]:
+        points = torch.rand(n_points, 3, generator=generator) * 4
+        poses = torch.eye(4).repeat(n_views, 1, 1)
+        poses[:, :3, 3] = torch.rand(n_views, 3, generator=generator) * 4 - torch.tensor([0, 0, 3])
+        depth = torch.full((n_views, 480, 640), 3000, dtype=torch.int16)
+        intrinsic = torch.tensor([[577.0, 0, 320], [0, 577.0, 240], [0, 0, 1]])
+        args = (points.to(device), poses, intrinsic, depth)
+        seconds = repeat(lambda: project(*args), repeats).median
+        projection.append({"points": n_points, "views": n_views, "seconds": seconds,
+                           "ns_per_pair": 1e9 * seconds / (n_points * n_views)})
+    return {"extraction": extraction, "projection": projection}
+
+
+def format_table(results: dict, device: str, command: str) -> str:
+    e = results["extraction"]
+    c, p, s, g = (results[k] for k in ("cached_vs_online", "projection", "store", "scaling"))
+    lines = [
+        f"Machine: {results['machine']}. Command: `{command}`. "
+        f"Medians of {results['repeats']} repeats after warm-up (min-max in brackets).",
+        "",
+        "| row | measured | baseline | ratio (bigger is better) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for row in e["models"]:
+        lines.append(
+            f"| extraction {row['model']}, {row['frames']} frames, batch {row['batch']} | flow "
+            f"{row['flow_fps']:.1f} frames/s | bare model {row['bare_fps']:.1f} frames/s (decode "
+            f"alone {row['decode_fps']:.0f} frames/s) | {row['ratio']:.2f} "
+            f"[{row['ratio_min']:.2f}-{row['ratio_max']:.2f}] |")
+    lines.append(
+        f"| training step, {c['model']}, {c['views_per_step']} views | cached {c['cached_step_s']:.3f} s, "
+        f"peak {c['cached_peak_mb']:.0f} MB | online CLIP {c['online_step_s']:.3f} s, peak "
+        f"{c['online_peak_mb']:.0f} MB, {c['online_clip_passes_per_step']} CLIP passes/step | "
+        f"{c['ratio']:.1f} |")
+    lines.append(f"| CLIP passes of a second experiment on the store | "
+                 f"{c['second_experiment_clip_passes']} (open_clip imported: "
+                 f"{c['cached_imports_open_clip']}) | every view, every step | - |")
+    lines.append(
+        f"| projection, {p['points']} points x {p['views']} views | {p['vectorised_pairs_per_s']:.3g} "
+        f"pairs/s | per-view numpy loop {p['loop_pairs_per_s']:.3g} pairs/s | {p['ratio']:.1f} "
+        f"(masks agree on {100 * p['mask_agreement']:.3f}% of pairs, visible IoU "
+        f"{p['visible_iou']:.4f}) |")
+    for fid, figures in s["featuresets"].items():
+        lines.append(f"| store, feature set {fid} ({figures['model']}) | "
+                     f"{figures['bytes_per_frame'] / 1e3:.0f} KB/frame (spatial + global, float16) "
+                     f"| compression {figures['compression']:.2f}x (zstd) | - |")
+    lines.append(
+        f"| training data path | {s['scenes_per_s']:.1f} scenes/s (read + project) | data wait "
+        f"{100 * s['data_wait_fraction']:.1f}% of epoch time with the scene cache, "
+        f"{100 * s['data_wait_fraction_uncached']:.1f}% without | - |")
+    ext = ", ".join(f"{r['frames']} frames {r['seconds']:.2f} s" for r in g["extraction"])
+    proj = ", ".join(f"{r['points']}x{r['views']} {r['seconds'] * 1e3:.1f} ms "
+                     f"({r['ns_per_pair']:.1f} ns/pair)" for r in g["projection"])
+    lines.append(f"| scaling, extraction test-ViT-tiny | {ext} | - | - |")
+    lines.append(f"| scaling, projection | {proj} | - | - |")
+    return "\n".join(lines)
+
+
+def update_markdown(table: str, device: str) -> None:
+    """Replace this device's section of BENCHMARKS.md; other devices' sections stay."""
+    begin, end = f"<!-- results:{device} -->", f"<!-- /results:{device} -->"
+    text = MARKDOWN.read_text() if MARKDOWN.exists() else "# Benchmarks\n"
+    section = f"{begin}\n{table}\n{end}"
+    if begin in text:
+        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + f"\n\n## {device.upper()}\n\n{section}\n"
+    MARKDOWN.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description="Measure extraction, cached vs online CLIP training, projection, the store and "
+        "scaling; print a table and (without --quick) rewrite this device's table in BENCHMARKS.md.")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny model, small sizes, 2 repeats; BENCHMARKS.md untouched")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed repeats per measurement (default 5, 2 with --quick)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="scratch folder (default: a temporary one, deleted at the end)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    repeats = args.repeats or (2 if args.quick else 5)
+    models = ["test-ViT-tiny"] if args.quick else ["test-ViT-tiny", "ViT-B-16"]
+    frames_per_scene = 4 if args.quick else 16
+    sizes = ({"frames": [4, 8, 16], "projection": [(2000, 4), (4000, 8), (8000, 16)]} if args.quick
+             else {"frames": [16, 32, 64], "projection": [(10000, 16), (20000, 32), (40000, 64)]})
+    with contextlib.ExitStack() as stack:
+        work = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        work.mkdir(parents=True, exist_ok=True)
+        root = write_dataset(work / "scenes", scenes=3, frames=frames_per_scene,
+                             points=5000 if args.quick else 20000)
+        results: dict = {"machine": machine(torch.device(args.device)), "repeats": repeats,
+                         "device": args.device}
+        rows = []
+        for model in models:
+            print(f"extraction {model} ...", file=sys.stderr)
+            rows.append(bench_extraction(root, work / f"extract-{model}", model, 16, args.device,
+                                         repeats))
+        # the row's ratio is the last model's: ViT-B-16, the one users run (tiny with --quick)
+        results["extraction"] = {"ratio": rows[-1]["ratio"], "model": rows[-1]["model"],
+                                 "models": rows}
+        store = rows[-1]["store"]
+        print("cached vs online CLIP ...", file=sys.stderr)
+        results["cached_vs_online"] = bench_cached_vs_online(store, root, models[-1], args.device,
+                                                             repeats)
+        print("projection ...", file=sys.stderr)
+        results["projection"] = bench_projection(store, args.device, repeats)
+        print("store ...", file=sys.stderr)
+        results["store"] = bench_store(store, work, repeats, args.device)
+        print("scaling ...", file=sys.stderr)
+        results["scaling"] = bench_scaling(
+            lambda n: write_dataset(work / f"scaling-{n}", 1, n, points=5000), work, args.device,
+            repeats, sizes)
+    command = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
+    table = format_table(results, args.device, command.strip())
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    if not args.quick:
+        update_markdown(table, args.device)
+        print(f"\nwrote {MARKDOWN}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
