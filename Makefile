@@ -34,9 +34,12 @@ demo: $(STAMP)
 	$(PY) -m storage.inspect $(DEMO_DIR)/features.zarr
 	$(PY) -m model.train --cache $(DEMO_DIR)/features.zarr --out $(DEMO_DIR)/run \
 		--epochs $(DEMO_EPOCHS)
+	$(PY) -m model.evaluate --cache $(DEMO_DIR)/features.zarr \
+		--checkpoint $(DEMO_DIR)/run/checkpoints/last.pt --render
 	@echo
 	@echo "demo outputs: scenes $(DEMO_DIR)/scenes, store $(DEMO_DIR)/features.zarr,"
-	@echo "  run $(DEMO_DIR)/run (checkpoints/, metrics.jsonl, curves.png, tensorboard/)"
+	@echo "  run $(DEMO_DIR)/run (checkpoints/, metrics.jsonl, curves.png, tensorboard/,"
+	@echo "  predictions/ with a PLY and a PNG per validation scene)"
 
 clean:
 	rm -rf $(DEMO_DIR) .prefect

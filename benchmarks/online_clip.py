@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -63,9 +62,13 @@ class OnlineClipScenes(CachedScenes):
 
 
 def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated by torch. CPU: this process's peak resident memory (VmHWM; not
+    getrusage's ru_maxrss, which a child process inherits from the parent that started it)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024  # kB
 
 
 def measure(store_path: str, mode: str, scenes_root: Path | None, steps: int, device: str,

@@ -43,20 +43,12 @@ from model.instance import ClusterConfig
 from model.metrics import confusion_matrix, mean_iou
 from model.report import format_summary, plot_curves
 from model.sources import choose_featureset, discover_stores, scene_sources, split_scenes
+from pipeline.devices import resolve_device
 from storage.errors import UserError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EPOCHS = 30
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is visible here; use --device cpu")
-    return device
-
 
 def build_model(config: TrainConfig, description: dict[str, Any]) -> FusionModel:
     """The fusion model whose 2D and CLIP widths match the feature set's."""

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.devices import resolve_device
 from pipeline.preprocess import Preprocess, ResizePolicy
 from storage.errors import UserError
 
@@ -114,15 +115,6 @@ def uses_quick_gelu(model: str, pretrained: str) -> bool:
         return bool(open_clip.get_pretrained_cfg(model, pretrained).get("quick_gelu", False))
     except Exception:  # not a known tag (a checkpoint path): the model config decides
         return False
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise EncoderError(f"--device {device} asked for CUDA, but torch sees no GPU: use --device cpu")
-    return resolved
 
 
 def file_sha256(path: Path) -> str:

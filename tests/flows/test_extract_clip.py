@@ -85,17 +85,43 @@ def test_dask_local_cluster_gives_the_same_store(reference_store, synthetic_root
     assert_same_features(store, reference_store[0])
 
 
-def test_a_broken_scene_fails_alone(prefect_api, synthetic_root, tmp_path):
+def _no_mesh(scene):
+    (scene / f"{scene.name}_vh_clean_2.ply").unlink()
+    return "_vh_clean_2.ply"
+
+
+def _no_frames(scene):
+    import shutil
+
+    for folder in ("color", "depth", "pose"):
+        shutil.rmtree(scene / folder)
+        (scene / folder).mkdir()
+    return "no frames"
+
+
+def _labels_of_another_mesh(scene):
+    from plyfile import PlyData, PlyElement
+
+    labels = scene / f"{scene.name}_vh_clean_2.labels.ply"
+    vertices = PlyData.read(str(labels))["vertex"].data[:-10].copy()  # 10 vertices fewer
+    PlyData([PlyElement.describe(vertices, "vertex")]).write(str(labels))
+    return "labels.ply has"
+
+
+@pytest.mark.parametrize("break_scene", [_no_mesh, _no_frames, _labels_of_another_mesh])
+def test_a_broken_scene_fails_alone(prefect_api, synthetic_root, tmp_path, break_scene):
     import shutil
 
     root = tmp_path / "scenes"
     shutil.copytree(synthetic_root, root)
     broken = sorted(p for p in root.iterdir() if p.is_dir())[0]
-    (broken / f"{broken.name}_vh_clean_2.ply").unlink()
-    with pytest.raises(ExtractionFailed, match=f"1 of 2 scenes failed.*{broken.name}.*_vh_clean_2.ply"):
+    expected = break_scene(broken)
+    with pytest.raises(ExtractionFailed, match=f"1 of 2 scenes failed.*{broken.name}.*{expected}"):
         run(root, tmp_path / "store.zarr")
     store = open_store(tmp_path / "store.zarr")
     assert broken.name not in store.scenes() and len(store.scenes()) == 1
+    (fid,) = store.featuresets()
+    assert store.done(store.scenes()[0], fid).all()  # the other scene is complete
 
 
 def test_invalid_frames_are_recorded_and_the_run_succeeds(prefect_api, synthetic_root, tmp_path):

@@ -273,3 +273,24 @@ def test_kill_9_during_training_then_resume(tiny_store, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert strip_timing(history) == strip_timing(reference)
+
+
+def test_evaluate_cli_prints_metrics_and_writes_ply_and_png(tiny_store, tmp_path, capsys):
+    from plyfile import PlyData
+
+    from model.evaluate import main as evaluate_main
+
+    Trainer(config(tiny_store, tmp_path, epochs=1, val_fraction=0.5)).fit()
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.pt"
+    code = evaluate_main(["--cache", str(tiny_store), "--checkpoint", str(checkpoint),
+                          "--scenes", "scene0000_00", "scene0001_00", "--render",
+                          "--out", str(tmp_path / "pred"), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0 and "semantic mIoU" in out and "instance AP" in out and "AP50" in out
+    ply = PlyData.read(str(tmp_path / "pred" / "scene0000_00.ply"))
+    vertex = ply["vertex"]
+    n_points = open_store(tiny_store).scene("scene0000_00", with_depth=False).xyz.shape[0]
+    assert vertex.count == n_points
+    assert {"red", "semantic_pred", "instance_pred"} <= {p.name for p in vertex.properties}
+    assert (tmp_path / "pred" / "scene0001_00.png").stat().st_size > 5000
+    assert evaluate_main(["--cache", str(tiny_store), "--checkpoint", str(tmp_path / "no.pt")]) == 1
