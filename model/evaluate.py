@@ -226,3 +226,7 @@ def format_result(result: dict[str, Any]) -> str:
         ap50 = result["class_ap50"][index] if "class_ap50" in result else None
         lines.append(f"  {name:<16} IoU {iou:.3f}" + (f"  AP50 {ap50:.3f}" if ap50 is not None else ""))
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

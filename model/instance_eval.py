@@ -14,6 +14,7 @@ The procedure of ScanNet's `evaluate_semantic_instance.py`, written afresh:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,7 +50,8 @@ class InstanceEvaluator:
         for c, label in enumerate(self.thing_classes):
             for t, threshold in enumerate(thresholds):
                 table[c, t] = self._class_ap(label, threshold)
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of a class with no truth
             per_class_ap = np.nanmean(table[:, :len(IOU_THRESHOLDS)], axis=1) \
                 if not np.isnan(table).all() else table[:, 0]
             mean = lambda values: float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")  # noqa: E731
