@@ -126,8 +126,12 @@ class CachedScenes:
         frames, numpy or torch. The benchmarks' online-CLIP baseline passes live features here.
         """
         device = self.device
-        as_tensor = lambda array, dtype: torch.as_tensor(np.ascontiguousarray(array), dtype=dtype,
-                                                          device=device)
+
+        def as_tensor(array, dtype: torch.dtype) -> torch.Tensor:
+            if isinstance(array, torch.Tensor):  # live features, possibly already on the GPU
+                return array.to(device=device, dtype=dtype)
+            return torch.as_tensor(np.ascontiguousarray(array), dtype=dtype, device=device)
+
         xyz = as_tensor(scene.xyz, torch.float32)
         mapping = GridMapping(
             color_size=tuple(scene.color_size),
@@ -139,7 +143,7 @@ class CachedScenes:
             xyz,
             as_tensor(scene.pose[usable], torch.float32),
             as_tensor(scene.intrinsic_depth, torch.float32),
-            as_tensor(scene.depth[usable], torch.float32),
+            scene.depth[usable],  # uint16 as stored: projection moves it a chunk at a time
             as_tensor(scene.intrinsic_color, torch.float32),
             as_tensor(spatial, torch.float16),
             mapping,

@@ -188,10 +188,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
-    from model.train import Trainer, _load_checkpoint
-
-    checkpoint = _load_checkpoint(args.checkpoint)
     from model.config import TrainConfig
+    from model.train import Trainer  # not at the top: model.train imports this module
 
     trainer = Trainer(TrainConfig(cache=args.cache, resume=args.checkpoint, device=args.device,
                                   out=str(Path(args.checkpoint).resolve().parent.parent)))
@@ -207,7 +205,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
         if args.render:
             render(out / f"{sample.scene_id}.png", sample, prediction)
 
-    result = evaluate(trainer.model, trainer.scenes, scene_ids, checkpoint["state"]["epoch"],
+    result = evaluate(trainer.model, trainer.scenes, scene_ids, trainer.state.epoch,
                       trainer.loss_config, trainer.amp, trainer.cluster, on_scene=save,
                       min_region_size=trainer.config.min_region_size)
     return result, out

@@ -49,17 +49,16 @@ def register_scene(store: FeatureStore, scene: Scene, stride: int) -> np.ndarray
     frame_ids = scene.frame_ids[::stride]
     if frame_ids.size == 0:
         raise SceneError(f"scene {scene.scene_id} has no frames in {scene.root / 'color'}")
-    if scene.scene_id not in store.scenes():
-        store.create_scene(
-            scene.scene_id,
-            frame_id=frame_ids,
-            intrinsic_color=scene.intrinsic_color,
-            intrinsic_depth=scene.intrinsic_depth,
-            color_size=scene.color_size,
-            depth_size=scene.depth_size,
-            depth_scale=0.001,
-            points=scene.read_points(),
-        )
+    store.create_scene(  # no-op (after checking the frame table) when the scene is stored
+        scene.scene_id,
+        frame_id=frame_ids,
+        intrinsic_color=scene.intrinsic_color,
+        intrinsic_depth=scene.intrinsic_depth,
+        color_size=scene.color_size,
+        depth_size=scene.depth_size,
+        depth_scale=0.001,
+        points=scene.read_points,
+    )
     return frame_ids
 
 
@@ -130,7 +129,7 @@ def extract_scene(
             completed += handled
         for write in writes:
             write.result()
-    if not store.scene(scene.scene_id, with_depth=False).valid.any():
+    if not store.valid(scene.scene_id).any():
         raise SceneError(
             f"scene {scene.scene_id} has no valid frame ({report.frames} frames, e.g. "
             f"{next(iter(report.invalid.values()), 'see the store')}): check {scene.root}"

@@ -183,6 +183,10 @@ class FeatureStore:
         group = self.root["featuresets"]
         return {name: dict(group[name].attrs) for name in sorted(group.group_keys())}
 
+    def valid(self, scene_id: str) -> np.ndarray:
+        """(F,) bool: which frames of a scene are usable (the frame table alone, no points)."""
+        return self._scene_group(scene_id)["frames"]["valid"][:]
+
     def scene(self, scene_id: str, *, with_depth: bool = True) -> SceneArrays:
         """A scene's frames and points as numpy arrays (depth omitted when with_depth=False)."""
         group = self._scene_group(scene_id)
@@ -323,7 +327,8 @@ class FeatureStore:
         """Create a scene's arrays and write its points; no-op if the scene is complete.
 
         points: any object with xyz, rgb, semantic, instance, segment arrays
-        (pipeline.scenes.Points). Per-frame arrays start empty (pose NaN, valid False)
+        (pipeline.scenes.Points), or a function returning one, called only when the scene is
+        created (reading a mesh costs more than checking that the scene is there). Per-frame arrays start empty (pose NaN, valid False)
         and are filled by `write_frames`.
         """
         self._require_writable()
@@ -335,6 +340,8 @@ class FeatureStore:
                     f"{len(frame_id)}: write to a new store or delete {self.url}/scenes/{scene_id}"
                 )
             return
+        if callable(points):
+            points = points()
         group = self.root.require_group("scenes").require_group(scene_id)
         n_frames = len(frame_id)
         frames = group.require_group("frames")
