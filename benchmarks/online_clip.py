@@ -99,7 +99,7 @@ def measure(store_path: str, mode: str, scenes_root: Path | None, steps: int, de
         if target.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        batch = collate([scenes.get(ids[step % len(ids)])], None, torch.Generator())
+        batch = collate([scenes.get(ids[step % len(ids)])])
         result = train_step(model, batch, optimizer, scaler, 30, LossConfig(), grad_clip=1.0,
                             amp=amp)
         if target.type == "cuda":

@@ -46,6 +46,9 @@ class TrainConfig:
     augment: bool = _option(True, "random z-rotation, flip, scale and jitter of training points")
     voxel_size: float = _option(0.02, "backbone voxel edge, metres")
     channels: tuple[int, ...] = _option((32, 64, 96, 128), "backbone width per level, finest first")
+    norm: Literal["batch", "layer"] = _option(
+        "batch", "backbone normalisation: batch (BatchNorm, synchronised across GPUs under "
+        "torchrun; per process on CPUs) or layer (independent of the batch)")
     width: int = _option(256, "width of the projected 2D, 3D and fused features")
     use_2d: bool = _option(True, "fuse the cached 2D features (--no-use-2d: the 3D-only model)")
     instance_head: bool = _option(True, "train the instance branch (offsets to instance centres)")

@@ -194,12 +194,14 @@ def augment(xyz: torch.Tensor, config: AugmentConfig, generator: torch.Generator
 
 def collate(
     samples: Sequence[SceneSample],
-    augmentation: AugmentConfig | None,
-    generator: torch.Generator,
+    augmentation: AugmentConfig | None = None,
+    generators: Sequence[torch.Generator] = (),
 ) -> PointBatch:
     """Concatenate scenes into one PointBatch, augmenting each scene's points.
 
-    augmentation: None for evaluation (points as stored). Visibility
+    augmentation: None for evaluation (points as stored); otherwise `generators` holds one
+    random generator per sample, so a scene's augmentation does not depend on which other
+    scenes share its batch (or its process, under DDP). Visibility
     pairs come from each scene's (V, N) mask with view and point offsets added; instance and
     segment ids are offset so they are unique within the batch.
     """
@@ -207,8 +209,11 @@ def collate(
         "xyz", "rgb", "batch_index", "feat2d", "seen", "semantic", "instance", "segment",
         "view_of_pair", "view_point_index", "view_global")}
     point_offset = view_offset = instance_offset = segment_offset = 0
+    if augmentation is not None and len(generators) != len(samples):
+        raise ValueError(f"collate: {len(samples)} samples but {len(generators)} generators")
     for index, sample in enumerate(samples):
-        xyz = sample.xyz if augmentation is None else augment(sample.xyz, augmentation, generator)
+        xyz = (sample.xyz if augmentation is None
+               else augment(sample.xyz, augmentation, generators[index]))
         view, point = sample.view_visible.nonzero(as_tuple=True)
         parts["xyz"].append(xyz)
         parts["rgb"].append(sample.rgb)

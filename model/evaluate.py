@@ -70,7 +70,7 @@ def evaluate(model: FusionModel, scenes: CachedScenes, scene_ids: list[str], epo
     sums = dict.fromkeys(LOSS_TERMS, 0.0)
     for scene_id in scene_ids:
         sample = scenes.get(scene_id)
-        batch = collate([sample], None, torch.Generator())
+        batch = collate([sample])
         with torch.autocast(batch.device.type, dtype=torch.float16, enabled=amp):
             output = model(batch)
         losses = compute_losses(output, batch, epoch, loss_config)

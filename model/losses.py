@@ -132,7 +132,9 @@ def compute_losses(output: ModelOutput, batch: PointBatch, epoch: int,
     """Each loss term and the weighted total, all scalar tensors on the batch's device.
 
     Keys: "semantic", "offset", "direction", "clip" (each unweighted; the offset terms are 0
-    without an offset head), "clip_weight" (the schedule's value), "total".
+    without an offset head), "clip_weight" (the schedule's value), "total", and "counts":
+    (2,) float32, the points each mean is over (labelled points; points of thing instances),
+    which `rebalance_for_global_mean` needs when a batch is split across processes.
     The CLIP term enters the total only when its weight is > 0, so a non-finite CLIP term
     during the warm-up cannot poison the step.
     """
@@ -142,9 +144,9 @@ def compute_losses(output: ModelOutput, batch: PointBatch, epoch: int,
     clip_weight = clip_weight_schedule(epoch, cfg.clip_schedule)
     total = cfg.semantic_weight * semantic
     offset = direction = semantic.new_zeros(())
+    stuff = torch.isin(batch.semantic, torch.tensor(cfg.stuff_classes, device=batch.device))
+    things = torch.where(stuff, -1, batch.instance)
     if "offset" in output.head_outputs:
-        stuff = torch.isin(batch.semantic, torch.tensor(cfg.stuff_classes, device=batch.device))
-        things = torch.where(stuff, -1, batch.instance)
         offset, direction = offset_losses(output.head_outputs["offset"], batch.xyz, things)
         total = total + cfg.offset_weight * offset + cfg.direction_weight * direction
     if clip_weight > 0:
@@ -156,4 +158,33 @@ def compute_losses(output: ModelOutput, batch: PointBatch, epoch: int,
         "clip": clip,
         "clip_weight": torch.tensor(clip_weight, device=semantic.device),
         "total": total,
+        "counts": torch.stack([(batch.semantic != IGNORE_INDEX).sum(), (things >= 0).sum()]).float(),
     }
+
+
+def rebalance_for_global_mean(losses: dict[str, Tensor], global_counts: Tensor, world_size: int,
+                              epoch: int, cfg: LossConfig = LossConfig()) -> dict[str, Tensor]:
+    """The loss terms of one process's share of a batch split across `world_size` processes.
+
+    DDP averages gradients over processes, which weighs each process's means equally although
+    their shares hold different numbers of points. Scaling each mean by
+    world_size * local count / global count makes that average the mean over the whole batch,
+    as one process would compute it (and the average of the returned terms over processes the
+    batch's loss terms). global_counts: (2,) the sum of every process's losses["counts"]. The
+    CLIP term stays each process's own mean over its views' pairs (its negatives are the views
+    on the same process). Returns the keys of `compute_losses`, with "total" recomputed.
+    """
+    scale = world_size * losses["counts"] / global_counts.clamp_min(1)
+    terms = {**losses,
+             "semantic": scale[0] * losses["semantic"],
+             "offset": scale[1] * losses["offset"],
+             "direction": scale[1] * losses["direction"]}
+    total = (cfg.semantic_weight * terms["semantic"] + cfg.offset_weight * terms["offset"]
+             + cfg.direction_weight * terms["direction"])
+    clip_weight = clip_weight_schedule(epoch, cfg.clip_schedule)
+    if clip_weight > 0:
+        total = total + clip_weight * losses["clip"]
+    else:  # DDP wants a gradient, if 0, for every parameter the model's outputs depend on
+        total = total + 0.0 * torch.nan_to_num(losses["clip"], nan=0.0, posinf=0.0, neginf=0.0)
+    terms["total"] = total
+    return terms

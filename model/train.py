@@ -11,6 +11,7 @@ Never imports open_clip: CLIP features are constants from the store.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -37,7 +38,9 @@ from model.batch import PointBatch
 from model.config import TrainConfig, parse_config
 from model.dataset import AugmentConfig, CachedScenes, ProjectionConfig, collate
 from model.fusion import FusionConfig, FusionModel
-from model.losses import LossConfig, clip_weight_schedule, compute_losses, finite_or_skip
+from model.distributed import Distributed
+from model.losses import (LossConfig, clip_weight_schedule, compute_losses, finite_or_skip,
+                          rebalance_for_global_mean)
 from model.evaluate import LOSS_TERMS, evaluate
 from model.instance import ClusterConfig
 from model.metrics import confusion_matrix, mean_iou
@@ -54,7 +57,7 @@ def build_model(config: TrainConfig, description: dict[str, Any]) -> FusionModel
     """The fusion model whose 2D and CLIP widths match the feature set's."""
     return FusionModel(FusionConfig(
         backbone=SparseUNetConfig(voxel_size=config.voxel_size, channels=config.channels,
-                                  blocks=(1,) * len(config.channels)),
+                                  blocks=(1,) * len(config.channels), norm=config.norm),
         dim_2d=int(description["spatial_dim"]),
         clip_dim=int(description["global_dim"]),
         width=config.width,
@@ -82,16 +85,22 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
 def train_step(
     model: nn.Module, batch: PointBatch, optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler, epoch: int, loss_config: LossConfig, *,
-    grad_clip: float, amp: bool,
+    grad_clip: float, amp: bool, distributed: Distributed = Distributed(),
 ) -> tuple[dict[str, float], torch.Tensor] | None:
     """One optimisation step; returns (loss terms as floats, (P, K) detached logits), or None
-    when the loss was not finite and the step was skipped (weights untouched)."""
+    when the loss was not finite and the step was skipped (weights untouched).
+
+    Under DDP (`model` wrapped, `batch` this process's share) every process takes the same
+    decision to step or skip, and the loss is rebalanced to the mean over the global batch."""
     model.train()
     with torch.autocast(batch.device.type, dtype=torch.float16, enabled=amp):
         output = model(batch)
     losses = compute_losses(output, batch, epoch, loss_config)
+    if distributed.enabled:
+        losses = rebalance_for_global_mean(losses, distributed.sum(losses["counts"]),
+                                           distributed.world_size, epoch, loss_config)
     optimizer.zero_grad(set_to_none=True)
-    if not finite_or_skip(losses["total"]):
+    if not distributed.all(finite_or_skip(losses["total"])):
         return None
     scaler.scale(losses["total"]).backward()
     if grad_clip > 0:
@@ -113,7 +122,6 @@ class EpochState:
     steps_done: int = 0
     skipped: int = 0
     confusion: torch.Tensor | None = None
-    augment_rng: torch.Tensor | None = None
 
 
 class Trainer:
@@ -131,7 +139,12 @@ class Trainer:
         elif config.epochs is None:
             config = dataclasses.replace(config, epochs=DEFAULT_EPOCHS)
         self.config = config
-        self.device = resolve_device(config.device)
+        self.distributed = Distributed.from_environment(resolve_device(config.device))
+        self.device = self.distributed.device
+        if config.batch_scenes % self.distributed.world_size:
+            raise UserError(f"--batch-scenes {config.batch_scenes} does not split across "
+                            f"{self.distributed.world_size} processes: pass a multiple of "
+                            f"{self.distributed.world_size} (it is the global batch)")
         self.amp = self.device.type == "cuda" if config.amp is None else config.amp
         if self.amp and self.device.type != "cuda":
             raise UserError("--amp needs a CUDA device (float16 autocast on a CPU is slow and "
@@ -155,6 +168,7 @@ class Trainer:
             ProjectionConfig(config.depth_threshold, config.relative_threshold),
             cache_bytes=config.scene_cache_gb * 1e9)
         self.model = build_model(config, self.description).to(self.device)
+        self.net = self._wrap_for_ddp()  # what train steps call: the model, or DDP around it
         semantic_weight = config.semantic_weight
         if semantic_weight is None:  # the seed's weights: 0.4 with fusion, 0.5 without
             semantic_weight = 0.4 if config.use_2d else 0.5
@@ -166,7 +180,7 @@ class Trainer:
         self.cluster = ClusterConfig(config.cluster_radius, config.min_instance_points)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr,
                                            weight_decay=config.weight_decay)
-        self.steps_per_epoch = math.ceil(len(self.train_ids) / config.batch_scenes)
+        self.steps_per_epoch = len(self._batches(0))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(
             config.schedule, config.warmup_steps, config.epochs * self.steps_per_epoch))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
@@ -178,48 +192,70 @@ class Trainer:
         else:
             self.out = Path(config.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
 
+    def _wrap_for_ddp(self) -> nn.Module:
+        """DDP around the model when torchrun started several processes; else the model."""
+        if not self.distributed.enabled:
+            return self.model
+        if self.device.type == "cuda":  # one set of BatchNorm statistics over the global batch
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        elif self.config.norm == "batch" and self.distributed.is_main:
+            log.warning("BatchNorm statistics are per process on CPUs (SyncBatchNorm needs CUDA): "
+                        "the run differs slightly from one process; --norm layer does not")
+        # every parameter gets a gradient each step (the losses keep even a 0-weighted CLIP
+        # term and an empty offset term in the graph), so DDP need not search for unused ones
+        return nn.parallel.DistributedDataParallel(self.model)
+
+    def _batches(self, epoch: int) -> list[list[str]]:
+        """The global batches of scene ids of one epoch (see `_epoch_batches`)."""
+        return _epoch_batches(self.train_ids, self.config.seed, epoch, self.config.batch_scenes,
+                              self.distributed.world_size)
+
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> list[dict[str, Any]]:
-        """Train the remaining epochs; returns one metrics record per epoch of the run."""
+        """Train the remaining epochs; returns one metrics record per epoch of the run (rank 0;
+        the other processes of a DDP run return the history they resumed from)."""
         from torch.utils.tensorboard import SummaryWriter
 
-        config = self.config
-        (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        _write_history(self.out / "metrics.jsonl", self.history)  # a resumed run's, truncated
-        log.info("training on %d scenes, validating on %d, feature set %s, %s%s; run folder %s",
+        config, main = self.config, self.distributed.is_main
+        if main:
+            (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+            _write_history(self.out / "metrics.jsonl", self.history)  # a resumed run's, truncated
+        log.info("training on %d scenes, validating on %d, feature set %s, %s%s%s; run folder %s",
                  len(self.train_ids), len(self.val_ids), self.featureset, self.device,
-                 " with AMP" if self.amp else "", self.out)
-        with SummaryWriter(str(self.out / "tensorboard")) as writer, _StopOnCtrlC() as stop:
+                 " with AMP" if self.amp else "",
+                 f" x {self.distributed.world_size} processes" if self.distributed.enabled else "",
+                 self.out)
+        writer = SummaryWriter(str(self.out / "tensorboard")) if main else contextlib.nullcontext()
+        with writer, _StopOnCtrlC() as stop:
             self._stop = stop
             try:
                 while self.state.epoch < config.epochs:
                     record = self._run_epoch()
+                    self.state = EpochState(epoch=self.state.epoch + 1)
+                    if not main:
+                        continue
                     self.history.append(record)
                     _write_history(self.out / "metrics.jsonl", self.history)
                     _log_scalars(writer, record)
                     if config.plot:
                         plot_curves(self.history, self.out / "curves.png")
-                    self.state = EpochState(epoch=self.state.epoch + 1)
                     self.save("last.pt")
                     if record["val"]["miou"] >= max(r["val"]["miou"] for r in self.history):
                         self.save("best.pt")
             except _Stopped:
-                path = self.save("interrupted.pt")
-                log.warning("interrupted at epoch %d step %d: resume with `python -m model.train "
-                            "--cache %s --resume %s`", self.state.epoch, self.state.step,
-                            config.cache, path)
+                if main:
+                    path = self.save("interrupted.pt")
+                    log.warning("interrupted at epoch %d step %d: resume with `python -m "
+                                "model.train --cache %s --resume %s`", self.state.epoch,
+                                self.state.step, config.cache, path)
                 raise KeyboardInterrupt from None
         return self.history
 
     def _run_epoch(self) -> dict[str, Any]:
-        config, state = self.config, self.state
+        config, state, distributed = self.config, self.state, self.distributed
         epoch = state.epoch
-        order = _epoch_order(self.train_ids, config.seed, epoch)
-        batches = [order[i:i + config.batch_scenes] for i in range(0, len(order), config.batch_scenes)]
-        augment_rng = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-        if state.augment_rng is not None:
-            augment_rng.set_state(state.augment_rng)
+        batches = self._batches(epoch)
         num_classes = self.model.config.num_classes
         if state.confusion is None:
             state.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
@@ -227,25 +263,30 @@ class Trainer:
         start = time.perf_counter()
         data_seconds = 0.0
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
-                   initial=state.step, leave=False)
-        todo = batches[state.step:]
+                   initial=state.step, leave=False, disable=not distributed.is_main)
+        # this process's scenes of each remaining batch, with their positions in the epoch
+        todo = [distributed.shard(list(enumerate(batch, step * config.batch_scenes)))
+                for step, batch in enumerate(batches) if step >= state.step]
         with ThreadPoolExecutor(1, thread_name_prefix="scene-prefetch") as prefetch:
-            load = lambda ids: [self.scenes.get(s) for s in ids]  # noqa: E731
+            load = lambda share: [self.scenes.get(scene_id) for _, scene_id in share]  # noqa: E731
             upcoming = prefetch.submit(load, todo[0]) if todo else None
-            for index, batch_ids in enumerate(todo):
+            for index, share in enumerate(todo):
                 waited = time.perf_counter()
                 samples = upcoming.result()
                 if index + 1 < len(todo):  # read and project the next scenes during this step
                     upcoming = prefetch.submit(load, todo[index + 1])
-                batch = collate(samples, augmentation, augment_rng)
+                generators = [_augment_generator(config.seed, epoch, position)
+                              for position, _ in share]
+                batch = collate(samples, augmentation, generators)
                 data_seconds += time.perf_counter() - waited
-                result = train_step(self.model, batch, self.optimizer, self.scaler, epoch,
-                                    self.loss_config, grad_clip=config.grad_clip, amp=self.amp)
+                result = train_step(self.net, batch, self.optimizer, self.scaler, epoch,
+                                    self.loss_config, grad_clip=config.grad_clip, amp=self.amp,
+                                    distributed=distributed)
                 self.scheduler.step()
                 if result is None:
                     state.skipped += 1
                     log.warning("epoch %d: skipped a step with a non-finite loss (scenes %s)",
-                                epoch, ", ".join(batch_ids))
+                                epoch, ", ".join(scene_id for _, scene_id in share))
                 else:
                     losses, logits = result
                     for name in LOSS_TERMS:
@@ -255,25 +296,31 @@ class Trainer:
                                                         num_classes).cpu()
                     bar.set_postfix(loss=f"{losses['total']:.3f}")
                 state.step += 1
-                state.augment_rng = augment_rng.get_state()
                 bar.update()
-                if self._stop.requested:
+                if distributed.any(self._stop.requested):
                     raise _Stopped
         bar.close()
         seconds = time.perf_counter() - start
-        val = evaluate(self.model, self.scenes, self.val_ids, epoch, self.loss_config, self.amp,
-                       self.cluster, min_region_size=config.min_region_size)
-        train = {name: state.sums[name] / max(1, state.steps_done) for name in LOSS_TERMS}
+        # sums over processes: each process's terms average to the global batch's
+        sums = distributed.sum(torch.tensor([state.sums[name] for name in LOSS_TERMS]
+                                            + [state.steps_done], dtype=torch.float64))
+        confusion = distributed.sum(state.confusion)
+        train = {name: float(sums[i]) / max(1.0, float(sums[-1]))
+                 for i, name in enumerate(LOSS_TERMS)}
         record = {
             "epoch": epoch + 1,
             "lr": self.optimizer.param_groups[0]["lr"],
             "clip_weight": clip_weight_schedule(epoch, self.loss_config.clip_schedule),
-            "train": {**train, "miou": mean_iou(state.confusion)},
-            "val": val,
+            "train": {**train, "miou": mean_iou(confusion)},
             "skipped_steps": state.skipped,
             "seconds": seconds,
             "data_wait_fraction": data_seconds / seconds if seconds > 0 else 0.0,
         }
+        if not distributed.is_main:  # rank 0 validates alone
+            return record
+        record["val"] = val = evaluate(
+            self.model, self.scenes, self.val_ids, epoch, self.loss_config, self.amp,
+            self.cluster, min_region_size=config.min_region_size)
         log.info("epoch %d: train loss %.4f mIoU %.3f | val loss %.4f mIoU %.3f AP50 %.3f | %.1f s",
                  epoch + 1, train["total"], record["train"]["miou"], val["total"], val["miou"],
                  val.get("ap50", float("nan")), seconds)
@@ -304,7 +351,8 @@ class Trainer:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.scaler.load_state_dict(checkpoint["scaler"])
-        self.state = EpochState(**checkpoint["state"])
+        known = {f.name for f in dataclasses.fields(EpochState)}  # older checkpoints had more
+        self.state = EpochState(**{k: v for k, v in checkpoint["state"].items() if k in known})
         self.history = checkpoint["history"]
         log.info("resumed at epoch %d, step %d of %s", self.state.epoch + 1, self.state.step,
                  self.config.resume)
@@ -337,11 +385,23 @@ class _StopOnCtrlC:
               file=sys.stderr)
 
 
-def _epoch_order(train_ids: list[str], seed: int, epoch: int) -> list[str]:
-    """The scenes of one epoch in a shuffled order that depends only on (seed, epoch)."""
+def _epoch_batches(train_ids: list[str], seed: int, epoch: int, batch_scenes: int,
+                   world_size: int = 1) -> list[list[str]]:
+    """The global batches of one epoch: the scenes in an order that depends only on (seed,
+    epoch), cut into batches of `batch_scenes`. Under DDP the order is padded with its first
+    scenes to a multiple of world_size (as torch's DistributedSampler does), so every process
+    has a scene in every batch."""
     order = list(train_ids)
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order
+    padding = -len(order) % world_size
+    order += [order[i % len(order)] for i in range(padding)]
+    return [order[i:i + batch_scenes] for i in range(0, len(order), batch_scenes)]
+
+
+def _augment_generator(seed: int, epoch: int, position: int) -> torch.Generator:
+    """The random generator of the scene at `position` of an epoch's order: a scene's
+    augmentation is the same whichever process or batch it lands in, and on resume."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 100_003 + position)
 
 
 def _seed_everything(seed: int) -> None:
@@ -398,16 +458,25 @@ def _log_scalars(writer, record: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun, the other processes only warn
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(levelname)s {f'[rank {rank}] ' if rank else ''}%(name)s: "
+                        "%(message)s")
+    trainer = None
     try:
         trainer = Trainer(config)
         history = trainer.fit()
+        trainer.distributed.barrier()  # the others wait for rank 0's last validation and save
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
-    print(format_summary(history, trainer.out, trainer.featureset))
+    finally:
+        if trainer is not None:
+            trainer.distributed.close()
+    if trainer.distributed.is_main:
+        print(format_summary(history, trainer.out, trainer.featureset))
     return 0
 
 

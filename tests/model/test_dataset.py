@@ -22,7 +22,7 @@ def test_scenes_from_the_store_are_projected_and_collated(tiny_store):
     assert scenes.get("scene0000_00") is a  # the second epoch reads memory, not the store
     assert a.seen.float().mean() > 0.5 and not a.feat2d[~a.seen].any()
     assert a.view_visible.shape == (8, a.xyz.shape[0]) and a.view_global.shape == (8, 64)
-    batch = collate([a, b], None, torch.Generator())
+    batch = collate([a, b])
     n_a, n_b = a.xyz.shape[0], b.xyz.shape[0]
     assert batch.num_points == n_a + n_b and batch.num_views == 16
     assert (batch.batch_index[:n_a] == 0).all() and (batch.batch_index[n_a:] == 1).all()

@@ -16,6 +16,7 @@ from model.losses import (
     compute_losses,
     effective_temperature,
     finite_or_skip,
+    rebalance_for_global_mean,
     semantic_loss,
 )
 from tests.model.test_fusion import TINY, make_batch
@@ -131,7 +132,9 @@ def test_compute_losses_weights_the_clip_term_by_epoch():
     output = FusionModel(TINY)(batch)
     early = compute_losses(output, batch, epoch=3)
     late = compute_losses(output, batch, epoch=30, cfg=LossConfig(semantic_weight=2.0))
-    assert set(early) == {"semantic", "offset", "direction", "clip", "clip_weight", "total"}
+    assert set(early) == {"semantic", "offset", "direction", "clip", "clip_weight", "total",
+                          "counts"}
+    assert early["counts"].tolist() == [float((batch.semantic >= 0).sum()), 0.0]
     assert early["clip_weight"].item() == 0.0 and late["clip_weight"].item() == pytest.approx(0.01)
     assert early["offset"].item() == 0.0  # make_batch has no instances
     torch.testing.assert_close(early["total"], 0.4 * early["semantic"])
@@ -168,3 +171,24 @@ def test_compute_losses_without_views_is_the_semantic_term():
     losses = compute_losses(output, batch, epoch=50)
     assert losses["clip"].item() == 0.0
     assert losses["total"].item() == pytest.approx(0.4 * math.log1p(math.exp(-4.0)), rel=1e-5)
+
+
+def test_rebalanced_shares_average_to_the_whole_batch_loss():
+    """Two processes' shares of a batch hold 30 and 10 labelled points (and 5 and 15 instance
+    points): DDP's average of their rebalanced losses is the loss of the 40 points together."""
+    cfg = LossConfig(clip_schedule=((0, 0.5),))
+    sums = [{"semantic": 6.0, "offset": 1.0, "direction": 2.0}, {"semantic": 1.0, "offset": 6.0,
+                                                                  "direction": 0.5}]
+    counts = [torch.tensor([30.0, 5.0]), torch.tensor([10.0, 15.0])]
+    shares = [{"semantic": torch.tensor(s["semantic"] / c[0]), "offset": torch.tensor(s["offset"] / c[1]),
+               "direction": torch.tensor(s["direction"] / c[1]), "clip": torch.tensor(clip),
+               "counts": c} for s, c, clip in zip(sums, counts, (0.2, 0.4))]
+    rebalanced = [rebalance_for_global_mean(share, counts[0] + counts[1], 2, epoch=1, cfg=cfg)
+                  for share in shares]
+    average = {name: (rebalanced[0][name] + rebalanced[1][name]) / 2
+               for name in ("semantic", "offset", "direction", "total")}
+    assert average["semantic"].item() == pytest.approx(7.0 / 40)
+    assert average["offset"].item() == pytest.approx(7.0 / 20)
+    assert average["direction"].item() == pytest.approx(2.5 / 20)
+    expected_total = 0.4 * 7.0 / 40 + 7.0 / 20 + 2.5 / 20 + 0.5 * (0.2 + 0.4) / 2
+    assert average["total"].item() == pytest.approx(expected_total)

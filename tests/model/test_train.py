@@ -57,7 +57,7 @@ def test_no_gradient_reaches_a_cached_feature(tiny_store):
     feat2d = sample.feat2d.clone()
     assert not sample.feat2d.requires_grad and sample.seen.any()
     model = train_module.build_model(TrainConfig(**SMALL), store.featuresets()[featureset])
-    batch = collate([sample], None, torch.Generator())
+    batch = collate([sample])
     optimizer = torch.optim.AdamW(model.parameters())
     result = train_step(model, batch, optimizer, torch.amp.GradScaler("cpu", enabled=False), 30,
                         LossConfig(), grad_clip=1.0, amp=False)
