@@ -17,9 +17,12 @@ run resumable: frames already done are never encoded again.
 # No `from __future__ import annotations`: Prefect validates parameters with pydantic from the
 # real annotations, and a served deployment loads this file where string annotations do not resolve.
 import argparse
+import contextlib
 import functools
 import json
 import logging
+import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -40,7 +43,7 @@ from pipeline.scannet import ScanNetScene, list_scenes
 from pipeline.synthetic import SyntheticScene
 from storage.errors import UserError
 from storage.inspect import summarise
-from storage.store import open_store
+from storage.store import check_storage_options, open_store
 
 SCENE_READERS = {"scannet": ScanNetScene, "synthetic": SyntheticScene}
 
@@ -70,11 +73,13 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
       task_run_name="extract {scene_dir}")
 def extract_scene_task(
     scene_dir: str, dataset: str, store_url: str, encoder_json: str, featureset: str,
-    stride: int, batch_size: int,
+    stride: int, batch_size: int, storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Encode one scene's frames that are not done yet; returns its SceneReport as a dict."""
+    """Encode one scene's frames that are not done yet; returns its SceneReport as a dict,
+    with the process that ran it ("worker": host:pid) and how many models that process has
+    loaded so far ("model_loads": 1 on every worker, however many scenes it runs)."""
     scene = SCENE_READERS[dataset].open(Path(scene_dir))
-    store = open_store(store_url, mode="a")
+    store = open_store(store_url, mode="a", storage_options=storage_options)
     encoder = _encoder(encoder_json)
     artifact = create_progress_artifact(0.0, description=f"{scene.scene_id}: frames encoded")
     bar = tqdm(desc=scene.scene_id, unit="frame", leave=False)
@@ -96,13 +101,19 @@ def extract_scene_task(
         report.scene_id, report.encoded, report.already_done, len(report.invalid),
         report.frames_per_second,
     )
-    return report.__dict__
+    return {**report.__dict__, "worker": f"{socket.gethostname()}:{os.getpid()}",
+            "model_loads": _encoder.cache_info().misses}
 
 
 @flow(name="extract-clip-scenes")
-def _extract_scenes(scene_dirs: list[str], **kwargs: Any) -> list[dict[str, Any] | str]:
-    """Submit one task per scene to this subflow's task runner; failures come back as text."""
-    futures = [extract_scene_task.submit(scene_dir, **kwargs) for scene_dir in scene_dirs]
+def _extract_scenes(scene_dirs: list[str], resources: dict[str, float] | None = None,
+                    **kwargs: Any) -> list[dict[str, Any] | str]:
+    """Submit one task per scene to this subflow's task runner; failures come back as text.
+
+    resources: Dask worker resources each scene task needs, e.g. {"GPU": 1}: a worker started
+    with `--resources GPU=1` runs one scene at a time (Dask task runners only)."""
+    with dask_annotations(resources):
+        futures = [extract_scene_task.submit(scene_dir, **kwargs) for scene_dir in scene_dirs]
     results: list[dict[str, Any] | str] = []
     for scene_dir, future in zip(scene_dirs, futures):
         try:
@@ -112,16 +123,26 @@ def _extract_scenes(scene_dirs: list[str], **kwargs: Any) -> list[dict[str, Any]
     return results
 
 
-def make_task_runner(task_runner: str, workers: int):
-    """`threads` (default), `dask` (a LocalCluster of `workers` processes) or a scheduler address."""
-    if task_runner == "threads":
+def make_task_runner(task_runner: str, workers: int, dask_address: str | None = None):
+    """`threads` (default) or `dask`: a LocalCluster of `workers` processes, or with
+    `dask_address` the existing cluster whose scheduler listens there (tcp://host:8786)."""
+    if task_runner == "threads" and dask_address is None:
         return ThreadPoolTaskRunner(max_workers=workers)
     from prefect_dask import DaskTaskRunner  # only when asked: starting Dask costs seconds
 
-    if task_runner == "dask":
-        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1,
-                                              "processes": True, "dashboard_address": None})
-    return DaskTaskRunner(address=task_runner)
+    if dask_address is not None:
+        return DaskTaskRunner(address=dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1,
+                                          "processes": True, "dashboard_address": None})
+
+
+def dask_annotations(resources: dict[str, float] | None):
+    """A context in which Dask submissions ask for `resources` (no-op without)."""
+    if not resources:
+        return contextlib.nullcontext()
+    import dask
+
+    return dask.annotate(resources=resources)
 
 
 @flow(name="extract-clip")
@@ -138,17 +159,27 @@ def extract_clip(
     spatial_kind: Literal["tokens", "maskclip"] = "tokens",
     batch_size: int = 16,
     device: str = "auto",
-    task_runner: str = "threads",
+    task_runner: Literal["threads", "dask"] = "threads",
     workers: int = 2,
+    dask_address: str | None = None,
+    dask_resources: dict[str, float] | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run frozen CLIP over every frame of every selected scene into the store.
 
-    Returns the run summary (feature set id, per-scene reports, failures, frames/s, bytes).
-    Raises ExtractionFailed after all scenes ran when any scene failed.
+    dask_address: run the scene tasks on the Dask cluster whose scheduler is there.
+    dask_resources: what each scene task asks of a Dask worker, e.g. {"GPU": 1}.
+    storage_options: fsspec options of a store URL (endpoint_url, region_name, ...), never
+    credentials: those come from the environment (AWS_ACCESS_KEY_ID, ...), on every worker.
+    Returns the run summary (feature set id, per-scene reports, failures, frames/s, bytes,
+    which worker ran how many scenes). Raises ExtractionFailed after all scenes ran when any
+    scene failed.
     """
     logger = get_run_logger()
     start = time.perf_counter()
-    feature_store = open_store(store, mode="a")  # fails fast on a read-only path, before the model
+    check_storage_options(storage_options)
+    # fails fast on a read-only path, before the model
+    feature_store = open_store(store, mode="a", storage_options=storage_options)
     scene_dirs = [str(path) for path in list_scenes(Path(root), scenes)]
     if not scene_dirs:
         raise UserError(f"no scenes under {root} match {scenes or 'any'}: check --root and --scenes")
@@ -159,13 +190,21 @@ def extract_clip(
     featureset = feature_store.register_featureset(_encoder(encoder_json).describe())
     logger.info("feature set %s: %d scenes from %s into %s", featureset, len(scene_dirs), root, store)
     extraction_start = time.perf_counter()
-    results = _extract_scenes.with_options(task_runner=make_task_runner(task_runner, workers))(
-        scene_dirs, dataset=dataset, store_url=store, encoder_json=encoder_json,
-        featureset=featureset, stride=stride, batch_size=batch_size,
+    runner = make_task_runner(task_runner, workers, dask_address)
+    results = _extract_scenes.with_options(task_runner=runner)(
+        scene_dirs, resources=dask_resources, dataset=dataset, store_url=store,
+        encoder_json=encoder_json, featureset=featureset, stride=stride, batch_size=batch_size,
+        storage_options=storage_options,
     )
-    reports = [SceneReport(**r) for r in results if isinstance(r, dict)]
+    done = [r for r in results if isinstance(r, dict)]
+    workers_used: dict[str, dict[str, int]] = {}
+    for result in done:
+        worker = workers_used.setdefault(result.pop("worker"), {"scenes": 0, "model_loads": 0})
+        worker["scenes"] += 1
+        worker["model_loads"] = max(worker["model_loads"], result.pop("model_loads"))
+    reports = [SceneReport(**r) for r in done]
     failures = [r for r in results if isinstance(r, str)]
-    summary = _summary(feature_store, featureset, reports, failures,
+    summary = _summary(feature_store, featureset, reports, failures, workers_used,
                        extraction_seconds=time.perf_counter() - extraction_start,
                        seconds=time.perf_counter() - start)
     create_markdown_artifact(_summary_markdown(summary), key="extract-clip-summary",
@@ -178,8 +217,10 @@ def extract_clip(
     return summary
 
 
-def _summary(store, featureset, reports, failures, *, extraction_seconds, seconds) -> dict[str, Any]:
-    """frames_per_second is over the wall time of the scene tasks, all scenes together."""
+def _summary(store, featureset, reports, failures, workers, *, extraction_seconds,
+             seconds) -> dict[str, Any]:
+    """frames_per_second is over the wall time of the scene tasks, all scenes together.
+    workers: "host:pid" -> {"scenes": run there, "model_loads": models that process loaded}."""
     encoded = sum(r.encoded for r in reports)
     return {
         "store": store.url,
@@ -193,6 +234,7 @@ def _summary(store, featureset, reports, failures, *, extraction_seconds, second
         "frames_per_second": encoded / extraction_seconds,
         "seconds": seconds,
         "bytes": summarise(store)["bytes"],
+        "workers": workers,
     }
 
 
@@ -202,12 +244,14 @@ def _summary_markdown(summary: dict[str, Any]) -> str:
         for sid, s in summary["scenes"].items()
     )
     failed = "\n".join(f"- {failure}" for failure in summary["failed"]) or "none"
+    workers = "\n".join(f"- {name}: {w['scenes']} scenes, {w['model_loads']} model load(s)"
+                        for name, w in summary["workers"].items()) or "none"
     return (
         f"# extract-clip\n\nStore `{summary['store']}`, feature set `{summary['featureset']}`.\n\n"
         f"| scene | frames | encoded | already done | invalid |\n|---|---|---|---|---|\n{rows}\n\n"
         f"{summary['frames_encoded']} frames encoded at {summary['frames_per_second']:.1f} frames/s, "
         f"{summary['frames_invalid']} invalid; store {summary['bytes'] / 1e6:.1f} MB.\n\n"
-        f"Failed scenes: {failed}\n"
+        f"Failed scenes: {failed}\n\nWorkers:\n{workers}\n"
     )
 
 
@@ -241,12 +285,41 @@ def build_parser() -> argparse.ArgumentParser:
                         "text-aligned dense features (512-d)")
     parser.add_argument("--batch-size", type=int, default=16, help="frames per forward pass")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
-    parser.add_argument("--task-runner", default="threads",
-                        help="threads (default), dask (a LocalCluster), or a Dask scheduler address "
-                        "such as tcp://10.0.0.5:8786")
+    parser.add_argument("--task-runner", choices=["threads", "dask"], default="threads",
+                        help="threads in this process (default), or dask: a LocalCluster of "
+                        "--workers processes")
     parser.add_argument("--workers", type=int, default=2,
                         help="scenes processed at once: threads, or LocalCluster workers (default 2)")
+    parser.add_argument("--dask-address", default=None,
+                        help="run the scene tasks on an existing Dask cluster, its scheduler's "
+                        "address such as tcp://10.0.0.5:8786 (implies --task-runner dask)")
+    parser.add_argument("--dask-resources", default=None, type=_resources,
+                        help="worker resources each scene task needs, e.g. GPU=1 for workers "
+                        "started with `dask worker ... --resources GPU=1` (one scene per GPU)")
+    parser.add_argument("--storage-options", default=None, type=_json_object,
+                        help="JSON fsspec options of a store URL, e.g. '{\"endpoint_url\": "
+                        "\"http://minio:9000\"}'; credentials are refused here: set "
+                        "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) instead")
     return parser
+
+
+def _resources(text: str) -> dict[str, float]:
+    """`GPU=1,MEM=8e9` -> {"GPU": 1.0, "MEM": 8e9}."""
+    try:
+        return {name.strip(): float(value) for name, value in
+                (part.split("=") for part in text.split(",") if part.strip())}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=AMOUNT[,NAME=AMOUNT]") from None
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("a JSON object is needed, such as '{\"anon\": false}'")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,12 +327,14 @@ def main(argv: list[str] | None = None) -> int:
     scenes = args.scenes[0] if args.scenes and len(args.scenes) == 1 and "*" in args.scenes[0] else args.scenes
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        check_storage_options(args.storage_options)  # before Prefect records the parameters
         summary = extract_clip(
             root=args.root, store=args.store, dataset=args.dataset, scenes=scenes,
             stride=args.stride, model=args.model, pretrained=args.pretrained,
             image_size=args.image_size, resize=args.resize, spatial_kind=args.spatial_kind,
             batch_size=args.batch_size, device=args.device, task_runner=args.task_runner,
-            workers=args.workers,
+            workers=args.workers, dask_address=args.dask_address,
+            dask_resources=args.dask_resources, storage_options=args.storage_options,
         )
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

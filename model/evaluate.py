@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                         "predictions/)")
     parser.add_argument("--render", action="store_true", help="also write a PNG per scene")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    parser.add_argument("--storage-options", default=None,
+                        help="JSON fsspec options of a store URL (credentials from the environment)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -192,6 +194,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     from model.train import Trainer  # not at the top: model.train imports this module
 
     trainer = Trainer(TrainConfig(cache=args.cache, resume=args.checkpoint, device=args.device,
+                                  storage_options=args.storage_options,
                                   out=str(Path(args.checkpoint).resolve().parent.parent)))
     scene_ids = args.scenes or trainer.val_ids
     missing = sorted(set(scene_ids) - set(trainer.scenes.sources))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import sys
@@ -14,17 +15,43 @@ from storage.store import FeatureStore, open_store
 log = logging.getLogger(__name__)
 
 
-def discover_stores(cache: str) -> list[FeatureStore]:
-    """`cache` is one store (path or fsspec URL) or a local folder of `*.zarr` stores."""
-    path = Path(cache)
-    if "://" not in cache and path.is_dir() and not (path / "zarr.json").exists():
-        found = sorted(p for p in path.glob("*.zarr") if (p / "zarr.json").exists())
-        if not found:
-            raise StoreError(
-                f"no feature store in {cache}: run `python -m flows.extract_clip --root DATA "
-                f"--store {path / 'features.zarr'}` first, or pass --cache STORE.zarr")
-        return [open_store(p) for p in found]
-    return [open_store(cache)]
+def discover_stores(cache: str, storage_options: dict[str, Any] | None = None
+                    ) -> list[FeatureStore]:
+    """`cache` is one store or a folder (local, or a URL prefix such as s3://bucket/stores)
+    of `*.zarr` stores. storage_options: fsspec options of a URL (see storage.open_store)."""
+    if "://" not in cache or cache.startswith("file://"):
+        path = Path(cache.removeprefix("file://"))
+        if not path.is_dir() or (path / "zarr.json").exists():
+            return [open_store(cache)]
+        found = [str(p) for p in sorted(path.glob("*.zarr")) if (p / "zarr.json").exists()]
+    else:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(cache, **(storage_options or {}))
+        if fs.exists(f"{root.rstrip('/')}/zarr.json"):
+            return [open_store(cache, storage_options=storage_options)]
+        protocol = cache.split("://", 1)[0]
+        found = [f"{protocol}://{key.removesuffix('/zarr.json')}"
+                 for key in sorted(fs.glob(f"{root.rstrip('/')}/*.zarr/zarr.json"))]
+    if not found:
+        raise StoreError(
+            f"no feature store in {cache}: run `python -m flows.extract_clip --root DATA "
+            f"--store {cache.rstrip('/')}/features.zarr` first, or pass --cache STORE.zarr")
+    return [open_store(url, storage_options=storage_options) for url in found]
+
+
+def parse_storage_options(text: str | None) -> dict[str, Any] | None:
+    """--storage-options JSON -> dict (None when not given)."""
+    if not text:
+        return None
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError(f"--storage-options is not JSON ({error}): pass an object such as "
+                        "'{\"endpoint_url\": \"http://minio:9000\"}'") from None
+    if not isinstance(options, dict):
+        raise UserError("--storage-options must be a JSON object")
+    return options
 
 
 def describe_featureset(fid: str, description: dict[str, Any]) -> str:

@@ -45,7 +45,8 @@ from model.evaluate import LOSS_TERMS, evaluate
 from model.instance import ClusterConfig
 from model.metrics import confusion_matrix, mean_iou
 from model.report import format_summary, plot_curves
-from model.sources import choose_featureset, discover_stores, scene_sources, split_scenes
+from model.sources import (choose_featureset, discover_stores, parse_storage_options,
+                           scene_sources, split_scenes)
 from pipeline.devices import resolve_device
 from storage.errors import UserError
 
@@ -134,6 +135,7 @@ class Trainer:
             # and, if given, a new number of epochs (which stretches the learning-rate schedule)
             saved = TrainConfig(**_tuples(checkpoint["config"]))
             config = dataclasses.replace(saved, cache=config.cache, resume=config.resume,
+                                         storage_options=config.storage_options,
                                          epochs=config.epochs or saved.epochs,
                                          device=config.device)
         elif config.epochs is None:
@@ -153,7 +155,7 @@ class Trainer:
         if config.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it
             torch.use_deterministic_algorithms(True, warn_only=True)
-        stores = discover_stores(config.cache)
+        stores = discover_stores(config.cache, parse_storage_options(config.storage_options))
         self.featureset, self.description = choose_featureset(
             stores, checkpoint["featureset"] if checkpoint else config.featureset)
         if self.description.get("random_weights"):

@@ -39,7 +39,7 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from storage.errors import StoreError
+from storage.errors import StoreError, UserError
 from storage.featureset import featureset_id
 
 log = logging.getLogger(__name__)
@@ -99,16 +99,22 @@ class FeatureArrays:
         return {"spatial": self.spatial, "global": self.global_, "done": self.done}[name]
 
 
-def open_store(path_or_url: str | os.PathLike, mode: str = "r") -> FeatureStore:
-    """Open a store by local path or fsspec URL.
+def open_store(path_or_url: str | os.PathLike, mode: str = "r",
+               storage_options: dict[str, Any] | None = None) -> FeatureStore:
+    """Open a store by local path or fsspec URL (s3://bucket/x.zarr, gs://..., file://...).
 
     mode "r": read only; the store must exist and be of this format version.
-    mode "a": read and write, created if missing; fails at once if the location is not
+    mode "a": read and write, created if missing; fails at once if a local location is not
     writable, before any model is loaded.
+    storage_options: fsspec options of a URL (endpoint_url, region_name, ...). Credentials do
+    not belong here (they would land in logs and Prefect's run history): s3fs reads them from
+    the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE), as does botocore
+    AWS_ENDPOINT_URL.
     """
     url = os.fspath(path_or_url)
     if mode not in ("r", "a"):
         raise ValueError(f"mode must be 'r' or 'a', not {mode!r}")
+    check_storage_options(storage_options)
     is_local = "://" not in url or url.startswith("file://")
     local_path = Path(url.removeprefix("file://")) if is_local else None
     if mode == "r" and local_path is not None and not (local_path / "zarr.json").exists():
@@ -117,10 +123,17 @@ def open_store(path_or_url: str | os.PathLike, mode: str = "r") -> FeatureStore:
         )
     if mode == "a" and local_path is not None:
         _check_writable(local_path)
+    options = {"storage_options": storage_options} if storage_options and not is_local else {}
     try:
-        root = zarr.open_group(url, mode="r" if mode == "r" else "a")
-    except FileNotFoundError as error:
-        raise StoreError(f"no feature store at {url}: {error}") from None
+        root = zarr.open_group(url, mode="r" if mode == "r" else "a", **options)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as error:
+        raise StoreError(
+            f"no feature store at {url} ({error}): check the URL, that the bucket exists and the "
+            f"credentials in the environment, or run `{EXTRACT_COMMAND.format(store=url)}`"
+        ) from None
+    except PermissionError as error:
+        raise StoreError(f"cannot open {url}: permission denied ({error}); check the credentials "
+                         "in the environment (AWS_ACCESS_KEY_ID, AWS_PROFILE, ...)") from None
     version = root.attrs.get("format_version")
     if version is None and mode == "a" and not list(root.keys()):
         root.attrs["format_version"] = FORMAT_VERSION
@@ -130,6 +143,21 @@ def open_store(path_or_url: str | os.PathLike, mode: str = "r") -> FeatureStore:
             f"{FORMAT_VERSION}: write a new store with `{EXTRACT_COMMAND.format(store='NEW.zarr')}`"
         )
     return FeatureStore(root, url, mode)
+
+
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+
+
+def check_storage_options(storage_options: dict[str, Any] | None) -> None:
+    """Refuse credentials in storage options: options are logged and kept in Prefect's run
+    history; credentials come from the environment."""
+    secret = sorted(name for name in storage_options or {}
+                    if any(word in name.lower() for word in _SECRET_WORDS))
+    if secret:
+        raise UserError(
+            f"storage options {', '.join(secret)} look like credentials, which must not be passed "
+            "as options (they would be logged): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "(or AWS_PROFILE) in the environment of every process that opens the store")
 
 
 def _check_writable(path: Path) -> None:
