@@ -18,6 +18,7 @@ run resumable: frames already done are never encoded again.
 # real annotations, and a served deployment loads this file where string annotations do not resolve.
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -38,6 +39,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm.auto import tqdm
 
 from pipeline.clip_encoder import EncoderConfig, FrozenClipEncoder, parse_image_size
+from pipeline.devices import claim_gpu
 from pipeline.extraction import SceneReport, extract_scene
 from pipeline.scannet import ScanNetScene, list_scenes
 from pipeline.synthetic import SyntheticScene
@@ -54,8 +56,27 @@ class ExtractionFailed(UserError):
 
 @functools.lru_cache(maxsize=2)
 def _encoder(config_json: str) -> FrozenClipEncoder:
-    """One frozen encoder per process and configuration (threads and Dask workers share it)."""
-    return FrozenClipEncoder(EncoderConfig(**json.loads(config_json)))
+    """One frozen encoder per process and configuration (threads and Dask workers share it).
+
+    In a Dask worker process with device auto or cuda, the encoder takes a GPU that no other
+    worker on the machine has claimed (pipeline.devices.claim_gpu), so that
+    `dask worker --nworkers 4 --resources GPU=1` on a 4-GPU machine uses all four."""
+    config = EncoderConfig(**json.loads(config_json))
+    if config.device in ("auto", "cuda") and _in_dask_worker():
+        gpu = claim_gpu()
+        if gpu is not None:
+            config = dataclasses.replace(config, device=f"cuda:{gpu}")
+    return FrozenClipEncoder(config)
+
+
+def _in_dask_worker() -> bool:
+    try:
+        from distributed import get_worker
+
+        get_worker()
+    except (ImportError, ValueError):
+        return False
+    return True
 
 
 def _retry_unless_user_error(task, task_run, state) -> bool:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
+import tempfile
+from pathlib import Path
+
 import torch
 
 from storage.errors import UserError
@@ -15,3 +19,31 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: torch sees no GPU here; use --device cpu")
     return device
+
+
+_claimed: list = []  # the open lock file of this process's GPU: held for the process's life
+
+
+def claim_gpu(count: int | None = None, lock_dir: Path | None = None) -> int | None:
+    """The index of a GPU no other process on this machine has claimed, now claimed by this
+    one; None when every GPU is taken or there is none. Idempotent within a process.
+
+    Several Dask worker processes of one machine (`dask worker --nworkers 4`) each call this
+    and get a GPU of their own: an exclusive lock on `<lock_dir>/clipcache3d-gpu<i>.lock`,
+    which the operating system releases when the process ends (even by kill -9).
+    count: GPUs to choose from (default torch.cuda.device_count()).
+    """
+    if _claimed:
+        return _claimed[0][0]
+    count = torch.cuda.device_count() if count is None else count
+    lock_dir = Path(tempfile.gettempdir()) if lock_dir is None else lock_dir
+    for index in range(count):
+        handle = open(lock_dir / f"clipcache3d-gpu{index}.lock", "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            continue
+        _claimed.append((index, handle))
+        return index
+    return None
