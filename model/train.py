@@ -248,9 +248,11 @@ class Trainer:
             except _Stopped:
                 if main:
                     path = self.save("interrupted.pt")
-                    log.warning("interrupted at epoch %d step %d: resume with `python -m "
-                                "model.train --cache %s --resume %s`", self.state.epoch,
-                                self.state.step, config.cache, path)
+                    launcher = (f"torchrun --nproc_per_node {self.distributed.world_size}"
+                                if self.distributed.enabled else "python")
+                    log.warning("interrupted at epoch %d step %d: resume with `%s -m model.train "
+                                "--cache %s --resume %s`", self.state.epoch, self.state.step,
+                                launcher, config.cache, path)
                 raise KeyboardInterrupt from None
         return self.history
 
