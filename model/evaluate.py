@@ -112,50 +112,75 @@ def instance_colours(ids: np.ndarray) -> np.ndarray:
     return colours
 
 
-def write_ply(path: Path, xyz: np.ndarray, prediction: ScenePrediction) -> None:
-    """Points coloured by predicted instance, with semantic_pred and instance_pred properties."""
+def class_colours(labels: np.ndarray) -> np.ndarray:
+    """(N,) class (or prompt) indices -> (N, 3) float RGB in [0, 1]: matplotlib's tab20 (index
+    modulo 20), light grey for negative labels (ignored, unknown)."""
+    import matplotlib
+
+    return np.where((labels >= 0)[:, None], matplotlib.colormaps["tab20"](labels % 20)[:, :3], 0.8)
+
+
+def write_points_ply(path: Path, xyz: np.ndarray, colours: np.ndarray,
+                     properties: dict[str, np.ndarray]) -> None:
+    """A PLY of points: xyz (N, 3) metres, colours (N, 3) uint8, and a vertex property per
+    entry of `properties`, (N,) arrays written in their own dtype."""
     from plyfile import PlyData, PlyElement
 
-    ids = prediction.instance_ids()
-    colours = instance_colours(ids)
-    vertex = np.empty(len(xyz), dtype=[("x", "f4"), ("y", "f4"), ("z", "f4"), ("red", "u1"),
-                                       ("green", "u1"), ("blue", "u1"), ("semantic_pred", "i2"),
-                                       ("instance_pred", "i4")])
+    fields = [("x", "f4"), ("y", "f4"), ("z", "f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")]
+    vertex = np.empty(len(xyz), dtype=fields + [(name, v.dtype) for name, v in properties.items()])
     for axis, name in enumerate("xyz"):
         vertex[name] = xyz[:, axis]
     for channel, name in enumerate(("red", "green", "blue")):
         vertex[name] = colours[:, channel]
-    vertex["semantic_pred"] = prediction.semantic
-    vertex["instance_pred"] = ids
+    for name, values in properties.items():
+        vertex[name] = values
     PlyData([PlyElement.describe(vertex, "vertex")]).write(str(path))
 
 
-def render(path: Path, sample: SceneSample, prediction: ScenePrediction) -> None:
-    """PNG, top view: ground-truth and predicted semantics, ground-truth and predicted instances."""
+def write_ply(path: Path, xyz: np.ndarray, prediction: ScenePrediction) -> None:
+    """Points coloured by predicted instance, with semantic_pred and instance_pred properties."""
+    ids = prediction.instance_ids()
+    write_points_ply(path, xyz, instance_colours(ids),
+                     {"semantic_pred": prediction.semantic.astype(np.int16),
+                      "instance_pred": ids.astype(np.int32)})
+
+
+def plot_top_views(path: Path, xyz: np.ndarray, panels: dict[str, np.ndarray], title: str,
+                   legend: dict[str, np.ndarray] | None = None) -> None:
+    """PNG of points (N, 3) seen from above, a panel per entry of `panels` (panel title ->
+    (N, 3) float RGB in [0, 1]); `legend` (label -> RGB) is drawn beside the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    xyz = sample.xyz.cpu().numpy()
-    truth_semantic = sample.semantic.cpu().numpy()
-    classes = plt.get_cmap("tab20")
-    semantic_colour = lambda labels: np.where((labels >= 0)[:, None], classes(labels % 20)[:, :3], 0.8)  # noqa: E731
+    order = np.argsort(xyz[:, 2])  # draw low points first, so tops stay visible
+    legend_width = 2.5 if legend else 0.0  # inches
+    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels) + legend_width, 4.4),
+                                squeeze=False)
+    for axis, (name, colours) in zip(axes[0], panels.items()):
+        axis.scatter(xyz[order, 0], xyz[order, 1], c=colours[order], s=2, linewidths=0)
+        axis.set(title=name, aspect="equal", xticks=[], yticks=[])
+    figure.suptitle(title)
+    if legend:
+        handles = [Patch(color=colour, label=label) for label, colour in legend.items()]
+        figure.legend(handles=handles, loc="center right", fontsize=8)
+    figure.tight_layout(rect=(0, 0, 1 - legend_width / figure.get_figwidth(), 1))
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def render(path: Path, sample: SceneSample, prediction: ScenePrediction) -> None:
+    """PNG, top view: ground-truth and predicted semantics, ground-truth and predicted instances."""
     panels = {
-        "ground truth: semantics": semantic_colour(truth_semantic),
-        "prediction: semantics": semantic_colour(prediction.semantic),
+        "ground truth: semantics": class_colours(sample.semantic.cpu().numpy()),
+        "prediction: semantics": class_colours(prediction.semantic),
         "ground truth: instances": instance_colours(sample.instance.cpu().numpy()) / 255,
         "prediction: instances": instance_colours(prediction.instance_ids()) / 255,
     }
-    order = np.argsort(xyz[:, 2])  # draw low points first, so tops stay visible
-    figure, axes = plt.subplots(1, 4, figsize=(16, 4.4))
-    for axis, (title, colours) in zip(axes, panels.items()):
-        axis.scatter(xyz[order, 0], xyz[order, 1], c=colours[order], s=2, linewidths=0)
-        axis.set(title=title, aspect="equal", xticks=[], yticks=[])
-    figure.suptitle(f"{sample.scene_id}: {len(prediction.instances)} predicted instances")
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+    plot_top_views(path, sample.xyz.cpu().numpy(), panels,
+                   f"{sample.scene_id}: {len(prediction.instances)} predicted instances")
 
 
 # ---------------------------------------------------------------------------- CLI

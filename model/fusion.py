@@ -127,6 +127,19 @@ class FusionModel(nn.Module):
             view_point_count=counts,
         )
 
+    def point_clip_embed(self, fused: Tensor) -> Tensor:
+        """Each point's fused feature in CLIP's embedding space: (P, width) -> (P, clip_dim)
+        float32, `clip_proj` of the feature clamped as `pool_views` clamps it.
+
+        clip_proj is affine, so the mean of this over a view's points is that view's
+        `view_embed`, which the CLIP consistency loss aligns with the view's global CLIP
+        embedding; per point it is the model's own estimate in that (text-aligned) space, what
+        open-vocabulary queries (model.query) compare with text embeddings.
+        """
+        clamp = self.config.view_feature_clamp
+        with torch.autocast(fused.device.type, enabled=False):
+            return self.clip_proj(fused.float().clamp(-clamp, clamp))
+
     def _gated(self, fused_3d: Tensor, feat2d: Tensor, seen: Tensor) -> tuple[Tensor, Tensor]:
         """g = sigmoid(MLP([f3d, f2d])); fused = g f2d + (1 - g) f3d where seen, f3d elsewhere."""
         if feat2d.shape[1] != self.config.dim_2d:

@@ -1,0 +1,361 @@
+"""Open-vocabulary queries: label every point of a scene by the text prompt it matches best.
+
+    python -m model.query --cache storage/ --scene scene0000_00 --text chair table "coffee table"
+    python -m model.query --cache storage/ --scene scene0000_00 --eval \
+        --checkpoint runs/RUN/checkpoints/best.pt
+
+Two routes give each point a feature in CLIP's image-text space, compared by cosine with the
+prompts' text embeddings (the best prompt labels the point):
+
+- `2d`: the cached spatial features projected onto the points (model.dataset), no training at
+  all, as OpenScene's 2D fusion. Only a `maskclip` feature set lives in that space; points that
+  no view sees get no label (-1, "unknown") and are counted, never guessed.
+- `fused`: a trained fusion model's fused features, mapped per point into CLIP's embedding space
+  by its CLIP head (FusionModel.point_clip_embed). Every point gets a label; any spatial kind.
+
+Text embeddings come from the store, written there by `python -m pipeline.text_embeddings` with
+the feature set's own CLIP: stage 2 never runs CLIP and this module never imports open_clip. A
+prompt without a cached embedding is an error that prints the command computing it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from model.dataset import CachedScenes, SceneSample, collate
+from model.evaluate import (_floats, class_colours, format_result, plot_top_views,
+                            write_points_ply)
+from model.fusion import FusionModel
+from model.metrics import class_iou, confusion_matrix, mean_iou
+from model.sources import (choose_featureset, discover_stores, parse_storage_options,
+                           scene_sources)
+from pipeline.devices import resolve_device
+from pipeline.prompts import (DEFAULT_TEMPLATES, SCANNET20_PROMPTS, add_templates_argument,
+                              resolve_templates, templates_flag)
+from storage.errors import UserError
+from storage.text import missing_prompts, read_text_embeddings
+
+log = logging.getLogger(__name__)
+
+Route = Literal["2d", "fused"]
+UNKNOWN = -1
+"""Label of a point without a feature (2d route: no view sees it)."""
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    """One query; the CLI maps one-to-one onto it (see `build_parser` for each field's help)."""
+
+    cache: str
+    scenes: tuple[str, ...]
+    text: tuple[str, ...] = ()
+    evaluate: bool = False
+    checkpoint: str | None = None
+    featureset: str | None = None
+    route: Literal["auto", "2d", "fused", "both"] = "auto"
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    out: str | None = None
+    device: str = "auto"
+    storage_options: str | None = None
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        return self.text or SCANNET20_PROMPTS
+
+
+@dataclass
+class PointLabels:
+    """One route's answer for one scene: labels (N,) int64 prompt index or UNKNOWN, and
+    score (N,) float32, the cosine of the point's feature with its prompt (NaN if unknown)."""
+
+    labels: np.ndarray
+    score: np.ndarray
+
+    @property
+    def unknown(self) -> int:
+        return int((self.labels == UNKNOWN).sum())
+
+
+def label_points(features: Tensor, text: Tensor, seen: Tensor) -> PointLabels:
+    """Label each point by the prompt of highest cosine similarity.
+
+    features: (N, D) float, points' features in CLIP's space (any norm). text: (K, D) float
+    text embeddings. seen: (N,) bool, whether a point has a feature; others get UNKNOWN.
+    """
+    similarity = F.normalize(features.float(), dim=1) @ F.normalize(text.float(), dim=1).T
+    score, labels = similarity.max(dim=1)
+    labels = torch.where(seen, labels, UNKNOWN)
+    score = torch.where(seen, score, torch.nan)
+    return PointLabels(labels.cpu().numpy(), score.cpu().numpy().astype(np.float32))
+
+
+@torch.no_grad()
+def point_features(route: Route, sample: SceneSample, model: FusionModel | None,
+                   amp: bool = False) -> tuple[Tensor, Tensor]:
+    """A route's (N, D) point features in CLIP's space and (N,) bool where they exist."""
+    if route == "2d":
+        return sample.feat2d, sample.seen
+    model.eval()
+    batch = collate([sample])
+    with torch.autocast(batch.device.type, dtype=torch.float16, enabled=amp):
+        fused = model(batch).fused
+    return model.point_clip_embed(fused), torch.ones_like(sample.seen)
+
+
+def resolve_routes(route: str, description: dict, featureset: str,
+                   has_model: bool) -> tuple[Route, ...]:
+    """The routes to run: `auto` is 2d alone without a model, both with one (fused alone on a
+    feature set outside CLIP's text space). Raises UserError for a route that cannot run."""
+    text_aligned = description.get("spatial_kind") == "maskclip"
+    if route == "auto":
+        if has_model and not text_aligned:
+            log.info("feature set %s is not text-aligned (%s): the fused route only", featureset,
+                     description.get("spatial_kind"))
+        route = ("both" if text_aligned else "fused") if has_model else "2d"
+    wanted: tuple[Route, ...] = ("2d", "fused") if route == "both" else (route,)
+    if "fused" in wanted and not has_model:
+        raise UserError("the fused route needs a trained model: pass --checkpoint "
+                        "RUN/checkpoints/best.pt (written by python -m model.train)")
+    if "2d" in wanted and not text_aligned:
+        raise UserError(
+            f"feature set {featureset} holds {description.get('spatial_kind')!r} spatial features "
+            f"({description.get('spatial_dim')}-d ViT tokens), not in CLIP's image-text space: the "
+            "2d route needs a feature set extracted with --spatial-kind maskclip; with a model "
+            "trained on this one, pass --checkpoint and --route fused")
+    return wanted
+
+
+def text_command(store_url: str, featureset: str, prompts: tuple[str, ...] | None,
+                 templates: tuple[str, ...], storage_options: str | None = None) -> str:
+    """The command that caches the embeddings of `prompts` (None: the ScanNet-20 prompts)."""
+    what = ["--scannet20"] if prompts is None else ["--prompts", *prompts]
+    options = ["--storage-options", storage_options] if storage_options else []
+    return shlex.join(["python", "-m", "pipeline.text_embeddings", "--store", store_url,
+                       "--featureset", featureset, *what, *templates_flag(templates), *options])
+
+
+class Query:
+    """The scenes, feature set, text embeddings and (optionally) trained model of a query."""
+
+    def __init__(self, config: QueryConfig):
+        self.config = config
+        self.model: FusionModel | None = None
+        self.amp = False
+        if config.checkpoint:
+            from model.config import TrainConfig
+            from model.train import Trainer
+
+            trainer = Trainer(TrainConfig(cache=config.cache, resume=config.checkpoint,
+                                          device=config.device,
+                                          storage_options=config.storage_options))
+            if config.featureset not in (None, trainer.featureset):
+                raise UserError(f"{config.checkpoint} was trained on feature set "
+                                f"{trainer.featureset}, not {config.featureset}: drop --featureset")
+            self.featureset, self.description = trainer.featureset, trainer.description
+            self.scenes, self.model, self.amp = trainer.scenes, trainer.model, trainer.amp
+        else:
+            stores = discover_stores(config.cache, parse_storage_options(config.storage_options))
+            self.featureset, self.description = choose_featureset(stores, config.featureset)
+            self.scenes = CachedScenes(scene_sources(stores, self.featureset), self.featureset,
+                                       resolve_device(config.device))
+        if "planted" in self.description:
+            log.info("feature set %s is planted (pipeline.planted): its features are text "
+                     "embeddings planted per labelled region, a yardstick", self.featureset)
+        elif self.description.get("random_weights"):
+            log.warning("feature set %s was extracted with RANDOM CLIP weights: its zero-shot "
+                        "labels carry no meaning", self.featureset)
+        self.routes = resolve_routes(config.route, self.description, self.featureset,
+                                     self.model is not None)
+        missing = sorted(set(config.scenes) - set(self.scenes.sources))
+        if missing:
+            raise UserError(f"no finished features of feature set {self.featureset} for scene "
+                            f"{', '.join(missing)} in {config.cache} (scenes: "
+                            f"{', '.join(sorted(self.scenes.sources)) or 'none'})")
+        self.text = {scene_id: self._text_embeddings(scene_id) for scene_id in config.scenes}
+
+    def _text_embeddings(self, scene_id: str) -> Tensor:
+        """(K, D) embeddings of the prompts, from the store that holds the scene."""
+        store, prompts, templates = (self.scenes.sources[scene_id], self.config.prompts,
+                                     self.config.templates)
+        missing = missing_prompts(store, self.featureset, prompts, templates)
+        if missing:
+            command = text_command(store.url, self.featureset,
+                                   tuple(missing) if self.config.text else None, templates,
+                                   self.config.storage_options)
+            raise UserError(f"{store.url} has no text embeddings of {len(missing)} prompt(s) "
+                            f"({', '.join(map(repr, missing[:5]))}) for feature set "
+                            f"{self.featureset}: run `{command}`")
+        text = torch.from_numpy(read_text_embeddings(store, self.featureset, prompts, templates))
+        widths = {"2d": self.description["spatial_dim"],
+                  "fused": self.model.config.clip_dim if self.model is not None else None}
+        for route in self.routes:
+            if widths[route] != text.shape[1]:
+                raise UserError(f"text embeddings are {text.shape[1]}-d but the {route} route's "
+                                f"features are {widths[route]}-d: not the same CLIP space")
+        return text.to(self.scenes.device)
+
+    def run(self, on_scene: Callable[[SceneSample, dict[str, PointLabels]], None] | None = None
+            ) -> dict[str, Any]:
+        """Label every scene by every route; with config.evaluate, mIoU per route (unknown
+        points count as misses). on_scene(sample, {route: PointLabels}) sees each scene."""
+        num_prompts = len(self.config.prompts)
+        confusion = {route: torch.zeros(num_prompts + 1, num_prompts + 1, dtype=torch.int64)
+                     for route in self.routes}
+        scenes: dict[str, Any] = {}
+        for scene_id in self.config.scenes:
+            sample = self.scenes.get(scene_id)
+            answers = {}
+            for route in self.routes:
+                features, seen = point_features(route, sample, self.model, self.amp)
+                answers[route] = answer = label_points(features, self.text[scene_id], seen)
+                if self.config.evaluate:
+                    predicted = torch.from_numpy(np.where(answer.labels >= 0, answer.labels,
+                                                          num_prompts))
+                    confusion[route] += confusion_matrix(predicted, sample.semantic.cpu(),
+                                                         num_prompts + 1)
+            scenes[scene_id] = {route: {
+                "points": int(answer.labels.size), "unknown": answer.unknown,
+                "counts": {prompt: int(count) for prompt, count in zip(
+                    self.config.prompts, np.bincount(answer.labels[answer.labels >= 0],
+                                                     minlength=num_prompts))}}
+                for route, answer in answers.items()}
+            if on_scene is not None:
+                on_scene(sample, answers)
+        result: dict[str, Any] = {"featureset": self.featureset, "routes": list(self.routes),
+                                  "prompts": list(self.config.prompts),
+                                  "templates": list(self.config.templates), "scenes": scenes}
+        if self.config.evaluate:
+            # the unknown column lowers the true class's IoU; its own row is empty (NaN, left out)
+            result["metrics"] = {route: {"miou": mean_iou(matrix),
+                                         "class_iou": _floats(class_iou(matrix)[:num_prompts])}
+                                 for route, matrix in confusion.items()}
+        return result
+
+
+def write_outputs(out: Path, sample: SceneSample, answers: dict[str, PointLabels],
+                  prompts: tuple[str, ...], with_truth: bool) -> None:
+    """`<scene>.<route>.ply` per route (colour by prompt, `label` and `score` properties) and
+    `<scene>.png`: the routes' labels seen from above, beside the ground truth if `with_truth`."""
+    xyz = sample.xyz.cpu().numpy()
+    panels = {}
+    if with_truth:
+        panels["ground truth"] = class_colours(sample.semantic.cpu().numpy())
+    for route, answer in answers.items():
+        colours = class_colours(answer.labels)
+        write_points_ply(out / f"{sample.scene_id}.{route}.ply", xyz,
+                         np.round(colours * 255).astype(np.uint8),
+                         {"label": answer.labels.astype(np.int16), "score": answer.score})
+        panels[f"{route}: {answer.unknown} unknown" if answer.unknown else route] = colours
+    legend = {prompt: class_colours(np.array([k]))[0] for k, prompt in enumerate(prompts)}
+    legend["unknown / unlabelled"] = class_colours(np.array([UNKNOWN]))[0]
+    plot_top_views(out / f"{sample.scene_id}.png", xyz, panels,
+                   f"{sample.scene_id}: open-vocabulary labels", legend)
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    """Per scene and route: points, unknown points, the most frequent prompts; then mIoU."""
+    lines = []
+    for scene_id, routes in result["scenes"].items():
+        for route, figures in routes.items():
+            top = sorted(figures["counts"].items(), key=lambda item: -item[1])[:5]
+            unknown = f", {figures['unknown']} unknown (seen by no view)" if route == "2d" else ""
+            lines.append(f"{scene_id} {route}: {figures['points']} points{unknown}; most labelled: "
+                         + ", ".join(f"{prompt} {count}" for prompt, count in top if count))
+    for route, metrics in result.get("metrics", {}).items():
+        lines.append(f"[{route}] " + format_result(metrics))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m model.query",
+        description="Open-vocabulary segmentation: label each point of a scene by the text "
+        "prompt whose CLIP text embedding its feature matches best, from the projected 2D "
+        "features (no training) and/or a trained model's fused features. Writes a PLY per "
+        "route and a PNG per scene; --eval scores against the scene's labels. Text embeddings "
+        "are read from the store: compute them with `python -m pipeline.text_embeddings`.")
+    parser.add_argument("--cache", required=True, help="a store or a folder of *.zarr stores")
+    parser.add_argument("--scene", "--scenes", dest="scenes", nargs="+", required=True,
+                        metavar="ID", help="scene id(s) to label")
+    parser.add_argument("--text", nargs="+", default=[], metavar="PROMPT",
+                        help="prompts, e.g. chair \"coffee table\"; each point takes the best one "
+                        "(colours repeat after 20). With --eval: 20 prompts, one per ScanNet class "
+                        "in class order (default there: the class names)")
+    parser.add_argument("--eval", dest="evaluate", action="store_true",
+                        help="mIoU and per-class IoU against the scene's ScanNet-20 labels, the 20 "
+                        "class names as prompts; unknown points count as misses")
+    parser.add_argument("--checkpoint", default=None,
+                        help="a .pt file written by model.train: adds the fused route")
+    parser.add_argument("--featureset", default=None,
+                        help="feature set id (default: the checkpoint's, or the only one)")
+    parser.add_argument("--route", choices=("auto", "2d", "fused", "both"), default="auto",
+                        help="2d: projected cached features (needs a maskclip feature set); fused: "
+                        "the model's fused features through its CLIP head (needs --checkpoint); "
+                        "auto (default): 2d, or both with --checkpoint (fused alone on a tokens "
+                        "feature set)")
+    add_templates_argument(parser)
+    parser.add_argument("--out", default=None,
+                        help="folder for <scene>.<route>.ply, <scene>.png and query.json "
+                        "(default runs/query-<date>-<time>)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    parser.add_argument("--storage-options", default=None,
+                        help="JSON fsspec options of a store URL, e.g. '{\"endpoint_url\": "
+                        "\"http://minio:9000\"}' (credentials come from the environment)")
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> QueryConfig:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.text and not args.evaluate:
+        parser.error("give --text PROMPT [PROMPT ...] or --eval")
+    if args.evaluate and args.text and len(args.text) != len(SCANNET20_PROMPTS):
+        parser.error(f"--eval with --text needs {len(SCANNET20_PROMPTS)} prompts, one per ScanNet "
+                     f"class in class order; got {len(args.text)}")
+    values = {**vars(args), "scenes": tuple(args.scenes), "text": tuple(args.text)}
+    try:
+        values["templates"] = resolve_templates(args.templates)
+    except UserError as error:
+        parser.error(str(error))
+    return QueryConfig(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_config(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out = Path(config.out or f"runs/query-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        query = Query(config)
+        out.mkdir(parents=True, exist_ok=True)
+        result = query.run(lambda sample, answers: write_outputs(
+            out, sample, answers, config.prompts, config.evaluate))
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    (out / "query.json").write_text(json.dumps(
+        {"config": dataclasses.asdict(config), **result}, indent=1))
+    print(format_summary(result))
+    print(f"labels: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Text embeddings of prompts, computed by a feature set's own CLIP and cached in its store.
+
+    python -m pipeline.text_embeddings --store storage/scannet.zarr --prompts chair table
+    python -m pipeline.text_embeddings --store storage/scannet.zarr --scannet20
+
+CLIP's text tower belongs with the image encoder: this module rebuilds exactly the model that
+extracted the feature set (it checks that the rebuilt encoder gives the same feature-set id),
+encodes every prompt with a template ensemble (pipeline.prompts) and writes the unit-norm
+embeddings into the store (storage.text). Stage 2 (`model.query`) reads them from there and so
+never runs CLIP. Prompts already cached are not encoded again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from pipeline.clip_encoder import EncoderConfig, EncoderError, FrozenClipEncoder, file_sha256
+from pipeline.prompts import SCANNET20_PROMPTS, add_templates_argument, resolve_templates
+from storage.errors import StoreError, UserError
+from storage.featureset import IDENTITY_KEYS
+from storage.store import FeatureStore, open_store
+from storage.text import missing_prompts, write_text_embeddings
+
+log = logging.getLogger(__name__)
+
+
+def encoder_config(description: dict, pretrained: str | None = None,
+                   device: str = "auto") -> EncoderConfig:
+    """The EncoderConfig that rebuilds the model of a feature set from its stored description.
+
+    pretrained: the checkpoint file, needed when the feature set was extracted from one (the
+    store keeps its name and SHA-256, not its path); it must have the recorded SHA-256.
+    """
+    stored = str(description["pretrained"])
+    if stored.startswith("file:"):
+        if pretrained is None:
+            raise EncoderError(f"the feature set was extracted from the checkpoint file "
+                               f"{stored.removeprefix('file:')}: pass its path with --pretrained")
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise EncoderError(f"checkpoint {pretrained} does not exist")
+        if file_sha256(path) != description.get("pretrained_sha256"):
+            raise EncoderError(f"{pretrained} is not the checkpoint the feature set was extracted "
+                               f"from (its SHA-256 differs from the recorded one)")
+        stored = str(path)
+    elif pretrained is not None:
+        raise EncoderError(f"the feature set uses open_clip weights {stored!r}, not a checkpoint "
+                           "file: drop --pretrained")
+    return EncoderConfig(model=description["model"], pretrained=stored,
+                         image_size=tuple(description["image_size"]), resize=description["resize"],
+                         spatial_kind=description["spatial_kind"], device=device,
+                         seed=description.get("seed") or 0)
+
+
+def build_text_encoder(featureset: str, description: dict, pretrained: str | None = None,
+                       device: str = "auto") -> FrozenClipEncoder:
+    """The feature set's encoder, checked to be the same model: its description must give the
+    same identity as the stored one, else EncoderError naming what differs."""
+    encoder = FrozenClipEncoder(encoder_config(description, pretrained, device))
+    rebuilt = encoder.describe()
+    differs = [key for key in IDENTITY_KEYS
+               if key != "pretrained" and rebuilt.get(key) != description.get(key)]
+    if differs:
+        detail = "; ".join(f"{key}: stored {description.get(key)!r}, here {rebuilt.get(key)!r}"
+                           for key in differs)
+        raise EncoderError(f"cannot rebuild the model of feature set {featureset} ({detail}): "
+                           "compute its text embeddings where it was extracted")
+    return encoder
+
+
+@torch.inference_mode()
+def encode_prompts(model: torch.nn.Module, tokenizer: Callable, prompts: Sequence[str],
+                   templates: Sequence[str], device: torch.device,
+                   batch_size: int = 256) -> np.ndarray:
+    """(K, D) float32 unit-norm embeddings: for each prompt, the normalised mean over templates
+    of the normalised `model.encode_text` of the templated sentence (CLIP's prompt ensemble)."""
+    sentences = [template.format(prompt) for prompt in prompts for template in templates]
+    chunks = []
+    for start in range(0, len(sentences), batch_size):
+        tokens = tokenizer(sentences[start:start + batch_size]).to(device)
+        chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+    per_sentence = torch.cat(chunks).reshape(len(prompts), len(templates), -1)
+    return F.normalize(per_sentence.mean(dim=1), dim=-1).cpu().numpy()
+
+
+def ensure_text_embeddings(store: FeatureStore, featureset: str, prompts: Sequence[str],
+                           templates: Sequence[str], *, pretrained: str | None = None,
+                           device: str = "auto") -> int:
+    """Compute and cache the embeddings of the prompts the store lacks; returns how many were
+    computed (0: all cached, and no model is built)."""
+    description = store.featuresets().get(featureset)
+    if description is None:
+        raise StoreError(f"{store.url} has no feature set {featureset}")
+    missing = missing_prompts(store, featureset, prompts, templates)
+    if not missing:
+        return 0
+    log.info("encoding %d prompts x %d templates with %s (%s) of feature set %s", len(missing),
+             len(templates), description["model"], description["pretrained"], featureset)
+    encoder = build_text_encoder(featureset, description, pretrained, device)
+    embeddings = encode_prompts(encoder.model, open_clip.get_tokenizer(description["model"]),
+                                missing, templates, encoder.device)
+    if embeddings.shape[1] != description["global_dim"]:
+        raise EncoderError(f"{description['model']} embeds text in {embeddings.shape[1]} dims but "
+                           f"images in {description['global_dim']}: not a CLIP model")
+    write_text_embeddings(store, featureset, missing, templates, embeddings)
+    return len(missing)
+
+
+def choose_featureset(store: FeatureStore, requested: str | None) -> str:
+    """The requested feature set, or the store's only one; else a UserError listing them."""
+    available = store.featuresets()
+    listing = "; ".join(f"{fid} ({d.get('model')}, {d.get('pretrained')}, {d.get('spatial_kind')})"
+                        for fid, d in available.items()) or "none"
+    if requested in available or (requested is None and len(available) == 1):
+        return requested or next(iter(available))
+    what = f"no feature set {requested}" if requested else f"{len(available)} feature sets"
+    raise StoreError(f"{store.url} has {what} (it has: {listing}); pick one with --featureset")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.text_embeddings",
+        description="Encode text prompts with the CLIP model of a feature set (its text tower, "
+        "prompt-template ensemble) and cache the embeddings in the store, where "
+        "`python -m model.query` reads them. Cached prompts are not encoded again.")
+    parser.add_argument("--store", required=True,
+                        help="the feature store (path or fsspec URL); it is written to")
+    parser.add_argument("--featureset", default=None,
+                        help="feature set id (default: the store's only one)")
+    parser.add_argument("--prompts", nargs="+", default=[], metavar="PROMPT",
+                        help="prompts to encode, e.g. chair \"coffee table\"")
+    parser.add_argument("--scannet20", action="store_true",
+                        help="also encode the 20 ScanNet class prompts (what `model.query "
+                        "--eval` uses)")
+    add_templates_argument(parser)
+    parser.add_argument("--pretrained", default=None,
+                        help="the checkpoint file, for a feature set extracted from one (the "
+                        "store records its SHA-256, which must match)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    parser.add_argument("--storage-options", default=None,
+                        help="JSON fsspec options of a store URL, e.g. '{\"endpoint_url\": "
+                        "\"http://minio:9000\"}' (credentials come from the environment)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    prompts = list(dict.fromkeys([*args.prompts, *(SCANNET20_PROMPTS if args.scannet20 else ())]))
+    if not prompts:
+        parser.error("give --prompts or --scannet20")
+    try:
+        templates = resolve_templates(args.templates)
+        try:
+            options = json.loads(args.storage_options) if args.storage_options else None
+        except json.JSONDecodeError as error:
+            raise UserError(f"--storage-options is not JSON: {error}") from None
+        store = open_store(args.store, mode="a", storage_options=options)
+        featureset = choose_featureset(store, args.featureset)
+        computed = ensure_text_embeddings(store, featureset, prompts, templates,
+                                          pretrained=args.pretrained, device=args.device)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"{len(prompts)} prompts x {len(templates)} templates, feature set {featureset} in "
+          f"{store.url}: {computed} encoded, {len(prompts) - computed} cached already")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

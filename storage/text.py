@@ -1,0 +1,96 @@
+"""Cached text embeddings of a feature set: prompts encoded once by the feature set's own CLIP.
+
+Layout, beside the feature set's description::
+
+    featuresets/<featureset_id>/text/<key>   (D,) float32, unit norm, NaN until written
+                                             attrs: prompt, templates
+
+key: 16 hex characters of the sha256 of the prompt and its templates, so the same prompt with
+other templates is another entry. The feature set pins the model (its id hashes architecture,
+weights and open_clip version), so an entry never goes stale and is never rewritten.
+`pipeline.text_embeddings` computes and writes them (it runs CLIP's text tower); stage 2 reads
+them here without importing open_clip.
+
+Writes go through the store's zarr group only (no local paths), so a store opened by fsspec URL
+works. An entry is one chunk: its metadata (with the prompt) is written first and its data
+after, and a reader takes an entry whose data is not finite yet as missing; two writers of the
+same entry write the same numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+from storage.errors import StoreError
+from storage.store import FeatureStore
+
+
+def text_key(prompt: str, templates: Sequence[str]) -> str:
+    """16 hex characters identifying a prompt encoded with `templates` (order counts)."""
+    canonical = json.dumps({"prompt": prompt, "templates": list(templates)}, sort_keys=True,
+                           separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def missing_prompts(store: FeatureStore, featureset: str, prompts: Sequence[str],
+                    templates: Sequence[str]) -> list[str]:
+    """The prompts (in the given order, without repeats) that have no cached embedding."""
+    group = _text_group(store, featureset)
+    missing: list[str] = []
+    for prompt in dict.fromkeys(prompts):
+        key = text_key(prompt, templates)
+        if group is None or key not in group or not np.isfinite(group[key][:]).all():
+            missing.append(prompt)
+    return missing
+
+
+def read_text_embeddings(store: FeatureStore, featureset: str, prompts: Sequence[str],
+                         templates: Sequence[str]) -> np.ndarray:
+    """(K, D) float32 unit-norm embeddings of `prompts`, row k for prompts[k].
+
+    Raises StoreError naming the missing prompts; callers that can say which command computes
+    them check `missing_prompts` first.
+    """
+    missing = missing_prompts(store, featureset, prompts, templates)
+    if missing:
+        raise StoreError(f"{store.url} has no text embeddings of {', '.join(map(repr, missing))} "
+                         f"for feature set {featureset}: compute them with "
+                         "`python -m pipeline.text_embeddings`")
+    group = _text_group(store, featureset)
+    return np.stack([group[text_key(prompt, templates)][:] for prompt in prompts])
+
+
+def write_text_embeddings(store: FeatureStore, featureset: str, prompts: Sequence[str],
+                          templates: Sequence[str], embeddings: np.ndarray) -> None:
+    """Cache `embeddings` (K, D), row k the embedding of prompts[k] with `templates`."""
+    if store.mode != "a":
+        raise StoreError(f"{store.url} is open read-only; open it with mode='a' to write")
+    if featureset not in store.featuresets():
+        raise StoreError(f"{store.url} has no feature set {featureset}")
+    embeddings = np.asarray(embeddings, np.float32)
+    if embeddings.shape[0] != len(prompts) or not np.isfinite(embeddings).all():
+        raise ValueError(f"need {len(prompts)} finite embeddings, got shape {embeddings.shape}")
+    group = store.root["featuresets"][featureset].require_group("text")
+    for prompt, embedding in zip(prompts, embeddings):
+        key = text_key(prompt, templates)
+        try:
+            array = group.create_array(
+                key, shape=embedding.shape, chunks=embedding.shape, dtype="float32",
+                fill_value=np.nan, compressors=(ZstdCodec(level=3, checksum=True),),
+                attributes={"prompt": prompt, "templates": list(templates)})
+        except zarr.errors.ContainsArrayError:  # cached already, or another writer is at it
+            array = group[key]
+        array[:] = embedding
+
+
+def _text_group(store: FeatureStore, featureset: str) -> zarr.Group | None:
+    if featureset not in store.featuresets():
+        raise StoreError(f"{store.url} has no feature set {featureset}")
+    group = store.root["featuresets"][featureset]
+    return group["text"] if "text" in group else None
