@@ -9,8 +9,9 @@ present, and points no view sees (the 2d route's "unknown") count as misses. Row
   shuffled copy (the same cells, permuted) is what a broken alignment would give.
 - the real pipeline on the same scenes with the tiny random-weight ViT (maskclip): near chance by
   construction (random weights carry no meaning), it exercises the plumbing.
-- the fused route: model.train for a few CPU minutes on each store with the CLIP consistency
-  weight on from the first epoch, queried on the held-out scenes.
+- the fused route: model.train for a few CPU minutes on each store with its default losses (on
+  a maskclip feature set these include the per-point distillation), queried on the held-out
+  scenes.
 - chance: a uniformly random prompt for every point, on the same scenes.
 """
 
@@ -45,9 +46,9 @@ SECTION = "zero-shot"
 """BENCHMARKS.md's markers of this script's table: <!-- results:zero-shot -->."""
 TRAIN = {"voxel_size": 0.05, "channels": (16, 32, 48), "width": 64, "device": "cpu",
          "plot": False, "instance_head": False, "batch_scenes": 1, "warmup_steps": 0,
-         "clip_schedule": ((0, 1.0),), "val_fraction": 0.25}
-"""The fused route's training: a small backbone, and the CLIP head trained from epoch 1 (the
-default schedule keeps its weight at 0 for 10 epochs)."""
+         "val_fraction": 0.25}
+"""The fused route's training: a small backbone, default losses (per-point distillation at
+weight 1 on maskclip feature sets, the CLIP consistency schedule, semantic cross-entropy)."""
 
 FULL = {"scenes": 4, "frames": 12, "points": 5000, "epochs": 30}
 QUICK = {"scenes": 2, "frames": 4, "points": 2000, "epochs": 1}

@@ -25,10 +25,12 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -45,7 +47,7 @@ from pipeline.scannet import ScanNetScene, list_scenes
 from pipeline.synthetic import SyntheticScene
 from storage.errors import UserError
 from storage.inspect import summarise
-from storage.store import check_storage_options, open_store
+from storage.store import check_storage_options, open_store, parse_storage_options
 
 SCENE_READERS = {"scannet": ScanNetScene, "synthetic": SyntheticScene}
 
@@ -54,17 +56,30 @@ class ExtractionFailed(UserError):
     """Some scenes failed; everything else is in the store."""
 
 
-@functools.lru_cache(maxsize=2)
+_encoder_lock = threading.Lock()
+
+
 def _encoder(config_json: str) -> FrozenClipEncoder:
+    """The process's encoder of this configuration, built once even when threads ask at once."""
+    with _encoder_lock:
+        return _build_encoder(config_json)
+
+
+@functools.lru_cache(maxsize=2)
+def _build_encoder(config_json: str) -> FrozenClipEncoder:
     """One frozen encoder per process and configuration (threads and Dask workers share it).
 
     In a Dask worker process with device auto or cuda, the encoder takes a GPU that no other
     worker on the machine has claimed (pipeline.devices.claim_gpu), so that
     `dask worker --nworkers 4 --resources GPU=1` on a 4-GPU machine uses all four."""
     config = EncoderConfig(**json.loads(config_json))
-    if config.device in ("auto", "cuda") and _in_dask_worker():
+    if config.device in ("auto", "cuda") and _in_dask_worker() and torch.cuda.is_available():
         gpu = claim_gpu()
-        if gpu is not None:
+        if gpu is None:
+            logging.getLogger(__name__).warning(
+                "every GPU of this machine is claimed by another worker: this one shares "
+                "cuda:0; start at most one worker process per GPU")
+        else:
             config = dataclasses.replace(config, device=f"cuda:{gpu}")
     return FrozenClipEncoder(config)
 
@@ -123,7 +138,7 @@ def extract_scene_task(
         report.frames_per_second,
     )
     return {**report.__dict__, "worker": f"{socket.gethostname()}:{os.getpid()}",
-            "model_loads": _encoder.cache_info().misses}
+            "model_loads": _build_encoder.cache_info().misses}
 
 
 @flow(name="extract-clip-scenes")
@@ -155,6 +170,21 @@ def make_task_runner(task_runner: str, workers: int, dask_address: str | None = 
         return DaskTaskRunner(address=dask_address)
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1,
                                           "processes": True, "dashboard_address": None})
+
+
+def check_dask_resources(address: str, resources: dict[str, float]) -> None:
+    """Raise a UserError unless some worker of the cluster at `address` offers `resources`."""
+    from distributed import Client
+
+    with Client(address, timeout=30) as client:
+        offered = [worker.get("resources", {})
+                   for worker in client.scheduler_info(n_workers=-1)["workers"].values()]
+    if not any(all(have.get(name, 0) >= need for name, need in resources.items())
+               for have in offered):
+        wanted = ",".join(f"{name}={need:g}" for name, need in resources.items())
+        raise UserError(f"no worker of the Dask cluster at {address} offers {wanted} (workers "
+                        f"offer: {offered or 'no workers'}): start workers with "
+                        f"`dask worker {address} --resources {wanted}` or drop --dask-resources")
 
 
 def dask_annotations(resources: dict[str, float] | None):
@@ -211,6 +241,8 @@ def extract_clip(
     featureset = feature_store.register_featureset(_encoder(encoder_json).describe())
     logger.info("feature set %s: %d scenes from %s into %s", featureset, len(scene_dirs), root, store)
     extraction_start = time.perf_counter()
+    if dask_address and dask_resources:
+        check_dask_resources(dask_address, dask_resources)  # else the tasks would wait forever
     runner = make_task_runner(task_runner, workers, dask_address)
     results = _extract_scenes.with_options(task_runner=runner)(
         scene_dirs, resources=dask_resources, dataset=dataset, store_url=store,
@@ -317,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dask-resources", default=None, type=_resources,
                         help="worker resources each scene task needs, e.g. GPU=1 for workers "
                         "started with `dask worker ... --resources GPU=1` (one scene per GPU)")
-    parser.add_argument("--storage-options", default=None, type=_json_object,
+    parser.add_argument("--storage-options", default=None,
                         help="JSON fsspec options of a store URL, e.g. '{\"endpoint_url\": "
                         "\"http://minio:9000\"}'; credentials are refused here: set "
                         "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) instead")
@@ -333,29 +365,19 @@ def _resources(text: str) -> dict[str, float]:
         raise argparse.ArgumentTypeError(f"{text!r} is not NAME=AMOUNT[,NAME=AMOUNT]") from None
 
 
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"not JSON: {error}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("a JSON object is needed, such as '{\"anon\": false}'")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     scenes = args.scenes[0] if args.scenes and len(args.scenes) == 1 and "*" in args.scenes[0] else args.scenes
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        check_storage_options(args.storage_options)  # before Prefect records the parameters
+        storage_options = parse_storage_options(args.storage_options)  # before Prefect logs them
         summary = extract_clip(
             root=args.root, store=args.store, dataset=args.dataset, scenes=scenes,
             stride=args.stride, model=args.model, pretrained=args.pretrained,
             image_size=args.image_size, resize=args.resize, spatial_kind=args.spatial_kind,
             batch_size=args.batch_size, device=args.device, task_runner=args.task_runner,
             workers=args.workers, dask_address=args.dask_address,
-            dask_resources=args.dask_resources, storage_options=args.storage_options,
+            dask_resources=args.dask_resources, storage_options=storage_options,
         )
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

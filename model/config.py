@@ -34,7 +34,8 @@ class TrainConfig:
     val_fraction: float = _option(0.2, "fraction of scenes held out for validation when there "
                                   "is no --val-list")
     epochs: int | None = _option(None, "epochs to train (default 30; with --resume, the run's own)")
-    batch_scenes: int = _option(2, "scenes per training step")
+    batch_scenes: int = _option(2, "scenes per training step; under torchrun the global batch, "
+                                "split across the processes (a multiple of their number)")
     lr: float = _option(2e-3, "peak learning rate of AdamW")
     weight_decay: float = _option(0.05, "AdamW weight decay")
     schedule: Literal["cosine", "poly"] = _option(
@@ -63,6 +64,10 @@ class TrainConfig:
     min_instance_points: int = _option(50, "instance clustering: smallest instance kept, points")
     min_region_size: int = _option(100, "instance AP: ground truth under this many points is "
                                    "ignored (ScanNet's 100)")
+    distill_weight: float | None = _option(
+        None, "weight of the per-point distillation loss (1 - cosine between each seen point's "
+        "CLIP-space embedding and its 2D feature, as OpenScene): what lets model.query ask a "
+        "trained model for text; default 1 on text-aligned (maskclip) feature sets, else 0")
     clip_schedule: tuple[tuple[int, float], ...] = _option(
         ((0, 0.0), (11, 0.001), (21, 0.01)),
         "CLIP consistency weight steps as epoch:weight, e.g. 0:0,11:0.001,21:0.01")

@@ -18,12 +18,14 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+from storage.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +61,18 @@ class Distributed:
         if world_size <= 1:
             return Distributed(device=device)
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        options = {}
         if device.type == "cuda":
+            if local_rank >= torch.cuda.device_count():
+                raise UserError(f"process {local_rank} of this machine has no GPU (torch sees "
+                                f"{torch.cuda.device_count()}): start at most that many with "
+                                "torchrun --nproc_per_node")
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
+            options["device_id"] = device  # binds NCCL to this GPU at once
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT,
-                                    rank=rank, world_size=world_size)
+                                    rank=rank, world_size=world_size, **options)
         return Distributed(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
     def shard(self, items: Sequence[T]) -> list[T]:
@@ -88,6 +96,23 @@ class Distributed:
     def any(self, flag: bool) -> bool:
         """True when `flag` is True in some process."""
         return not self.all(not flag)
+
+    def broadcast(self, make: Callable[[], T]) -> T:
+        """`make()` as rank 0 computes it, on every process; a UserError raised there is
+        raised on every process (so none waits for an answer that will not come)."""
+        if not self.enabled:
+            return make()
+        message: list = [None]
+        if self.is_main:
+            try:
+                message = [("ok", make())]
+            except UserError as error:
+                message = [("error", str(error))]
+        dist.broadcast_object_list(message, src=0)
+        kind, value = message[0]
+        if kind == "error":
+            raise UserError(value)
+        return value
 
     def barrier(self) -> None:
         if self.enabled:

@@ -31,7 +31,7 @@ from storage.errors import UserError
 
 log = logging.getLogger(__name__)
 
-LOSS_TERMS = ("total", "semantic", "offset", "direction", "clip")
+LOSS_TERMS = ("total", "semantic", "offset", "direction", "clip", "distill")
 
 
 @dataclass

@@ -32,6 +32,8 @@ class FusionConfig:
     view_feature_clamp: fused features are clamped to [-c, c] before the per-view mean that the
         CLIP consistency loss compares, so one extreme point cannot dominate a view.
     instance_head: add the "offset" head (model.instance): offsets to instance centres.
+    point_embed: also return every point's CLIP-space embedding (ModelOutput.point_embed), which
+        the per-point distillation loss compares with the point's 2D feature.
     """
 
     backbone: SparseUNetConfig = field(default_factory=SparseUNetConfig)
@@ -44,6 +46,7 @@ class FusionConfig:
     use_2d: bool = True
     view_feature_clamp: float = 10.0
     instance_head: bool = True
+    point_embed: bool = False
 
 
 @dataclass
@@ -57,6 +60,8 @@ class ModelOutput:
     view_embed: (V, clip_dim) float, clip_proj of the mean clamped fused feature of the points
         each view sees (zero-feature mean for views that see none).
     view_point_count: (V,) int64, how many batch points each view sees; 0 means skip the view.
+    point_embed: (P, clip_dim) float32, `point_clip_embed` of every point, or None unless
+        config.point_embed.
     """
 
     fused: Tensor
@@ -64,6 +69,7 @@ class ModelOutput:
     head_outputs: dict[str, Tensor]
     view_embed: Tensor
     view_point_count: Tensor
+    point_embed: Tensor | None = None
 
     @property
     def semantic_logits(self) -> Tensor:
@@ -125,6 +131,7 @@ class FusionModel(nn.Module):
             head_outputs={name: head(fused) for name, head in self.heads.items()},
             view_embed=self.clip_proj(pooled),
             view_point_count=counts,
+            point_embed=self.point_clip_embed(fused) if self.config.point_embed else None,
         )
 
     def point_clip_embed(self, fused: Tensor) -> Tensor:

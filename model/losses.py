@@ -41,6 +41,10 @@ class LossConfig:
     temperature_floor: the smallest temperature used (0.07 scales cosines by 14x, 0.1 by 10x).
     logit_bias: added to the scaled cosines (SigLIP's bias; 0 keeps the loss symmetric).
     eps: normalisation epsilon of the embeddings.
+    distill_weight: weight of the per-point distillation term (OpenScene's 3D distillation):
+        1 - cosine between each seen point's CLIP-space embedding and its projected 2D feature.
+        Only meaningful when the 2D features are text-aligned (maskclip feature sets); it is
+        what makes a trained model answer per-point text queries (model.query).
     """
 
     semantic_weight: float = 0.4
@@ -52,6 +56,7 @@ class LossConfig:
     temperature_floor: float = 0.1
     logit_bias: float = 0.0
     eps: float = 1e-6
+    distill_weight: float = 0.0
 
 
 def semantic_loss(logits: Tensor, target: Tensor) -> Tensor:
@@ -62,6 +67,20 @@ def semantic_loss(logits: Tensor, target: Tensor) -> Tensor:
     if not bool((target != IGNORE_INDEX).any()):
         return logits.sum() * 0.0
     return F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX)
+
+
+def distill_loss(point_embed: Tensor, feat2d: Tensor, seen: Tensor, eps: float = 1e-6) -> Tensor:
+    """Mean of 1 - cosine(point_embed, feat2d) over the seen points; 0 (in the graph) if none.
+
+    point_embed: (P, D) float, the model's per-point CLIP-space embeddings. feat2d: (P, D) the
+    projected cached features (constants). seen: (P,) bool. Returns a float32 scalar in [0, 2].
+    """
+    if not bool(seen.any()):
+        return point_embed.float().sum() * 0.0
+    with torch.autocast(point_embed.device.type, enabled=False):
+        cosine = F.cosine_similarity(point_embed[seen].float(), feat2d[seen].float(), dim=1,
+                                     eps=eps)
+    return 1.0 - cosine.mean()
 
 
 def effective_temperature(temperature: float | Tensor, floor: float = 0.1) -> float | Tensor:
@@ -87,11 +106,11 @@ def clip_consistency_loss(
     view_point_count: (V,) int64, points each view sees; views with 0 are left out.
     Over the U used views: logits = cos(embed_i, global_j) / T + bias, and the loss is the mean
     over all U x U pairs of -logsigmoid(s_ij logits_ij), s = +1 on i == j, -1 elsewhere.
-    Returns a float32 scalar; 0 with no usable view.
+    Returns a float32 scalar; 0 (still in the graph, as DDP needs) with no usable view.
     """
     used = view_point_count > 0
     if not bool(used.any()):
-        return view_embed.new_zeros((), dtype=torch.float32)
+        return torch.nan_to_num(view_embed.float()).sum() * 0.0
     with torch.autocast(view_embed.device.type, enabled=False):
         embed = F.normalize(view_embed[used].float(), dim=1, eps=eps)
         target = F.normalize(view_global[used].float(), dim=1, eps=eps)
@@ -131,10 +150,11 @@ def compute_losses(output: ModelOutput, batch: PointBatch, epoch: int,
                    cfg: LossConfig = LossConfig()) -> dict[str, Tensor]:
     """Each loss term and the weighted total, all scalar tensors on the batch's device.
 
-    Keys: "semantic", "offset", "direction", "clip" (each unweighted; the offset terms are 0
-    without an offset head), "clip_weight" (the schedule's value), "total", and "counts":
-    (2,) float32, the points each mean is over (labelled points; points of thing instances),
-    which `rebalance_for_global_mean` needs when a batch is split across processes.
+    Keys: "semantic", "offset", "direction", "clip", "distill" (each unweighted; the offset
+    terms are 0 without an offset head, "distill" 0 without output.point_embed), "clip_weight"
+    (the schedule's value), "total", and "counts": (3,) float32, the points each mean is over
+    (labelled points; points of thing instances; seen points), which
+    `rebalance_for_global_mean` needs when a batch is split across processes.
     The CLIP term enters the total only when its weight is > 0, so a non-finite CLIP term
     during the warm-up cannot poison the step.
     """
@@ -149,6 +169,10 @@ def compute_losses(output: ModelOutput, batch: PointBatch, epoch: int,
     if "offset" in output.head_outputs:
         offset, direction = offset_losses(output.head_outputs["offset"], batch.xyz, things)
         total = total + cfg.offset_weight * offset + cfg.direction_weight * direction
+    distill = semantic.new_zeros(())
+    if output.point_embed is not None:
+        distill = distill_loss(output.point_embed, batch.feat2d, batch.seen, cfg.eps)
+        total = total + cfg.distill_weight * distill
     if clip_weight > 0:
         total = total + clip_weight * clip
     return {
@@ -156,9 +180,11 @@ def compute_losses(output: ModelOutput, batch: PointBatch, epoch: int,
         "offset": offset,
         "direction": direction,
         "clip": clip,
+        "distill": distill,
         "clip_weight": torch.tensor(clip_weight, device=semantic.device),
         "total": total,
-        "counts": torch.stack([(batch.semantic != IGNORE_INDEX).sum(), (things >= 0).sum()]).float(),
+        "counts": torch.stack([(batch.semantic != IGNORE_INDEX).sum(), (things >= 0).sum(),
+                               batch.seen.sum()]).float(),
     }
 
 
@@ -170,7 +196,7 @@ def rebalance_for_global_mean(losses: dict[str, Tensor], global_counts: Tensor, 
     their shares hold different numbers of points. Scaling each mean by
     world_size * local count / global count makes that average the mean over the whole batch,
     as one process would compute it (and the average of the returned terms over processes the
-    batch's loss terms). global_counts: (2,) the sum of every process's losses["counts"]. The
+    batch's loss terms). global_counts: (3,) the sum of every process's losses["counts"]. The
     CLIP term stays each process's own mean over its views' pairs (its negatives are the views
     on the same process). Returns the keys of `compute_losses`, with "total" recomputed.
     """
@@ -178,9 +204,10 @@ def rebalance_for_global_mean(losses: dict[str, Tensor], global_counts: Tensor, 
     terms = {**losses,
              "semantic": scale[0] * losses["semantic"],
              "offset": scale[1] * losses["offset"],
-             "direction": scale[1] * losses["direction"]}
+             "direction": scale[1] * losses["direction"],
+             "distill": scale[2] * losses["distill"]}
     total = (cfg.semantic_weight * terms["semantic"] + cfg.offset_weight * terms["offset"]
-             + cfg.direction_weight * terms["direction"])
+             + cfg.direction_weight * terms["direction"] + cfg.distill_weight * terms["distill"])
     clip_weight = clip_weight_schedule(epoch, cfg.clip_schedule)
     if clip_weight > 0:
         total = total + clip_weight * losses["clip"]

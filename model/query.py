@@ -42,12 +42,12 @@ from model.evaluate import (_floats, class_colours, format_result, plot_top_view
                             write_points_ply)
 from model.fusion import FusionModel
 from model.metrics import class_iou, confusion_matrix, mean_iou
-from model.sources import (choose_featureset, discover_stores, parse_storage_options,
-                           scene_sources)
+from model.sources import choose_featureset, discover_stores, scene_sources
 from pipeline.devices import resolve_device
 from pipeline.prompts import (DEFAULT_TEMPLATES, SCANNET20_PROMPTS, add_templates_argument,
                               resolve_templates, templates_flag)
 from storage.errors import UserError
+from storage.store import parse_storage_options
 from storage.text import missing_prompts, read_text_embeddings
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,10 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     epochs = [record["epoch"] for record in history]
     figure, (losses, miou) = plt.subplots(1, 2, figsize=(10, 4))
     for split, style in (("train", "-"), ("val", "--")):
-        for name in ("total", "semantic", "offset", "clip"):
-            losses.plot(epochs, [r[split][name] for r in history], style, label=f"{split} {name}")
+        for name in ("total", "semantic", "offset", "clip", "distill"):
+            values = [r[split].get(name, 0.0) for r in history]  # older runs had no distill
+            if any(values):
+                losses.plot(epochs, values, style, label=f"{split} {name}")
         miou.plot(epochs, [r[split]["miou"] for r in history], style, label=split)
     losses.set(xlabel="epoch", ylabel="loss", yscale="log", title="losses")
     miou.set(xlabel="epoch", ylabel="mIoU", ylim=(0, 1), title="semantic mIoU")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import sys
@@ -38,20 +37,6 @@ def discover_stores(cache: str, storage_options: dict[str, Any] | None = None
             f"no feature store in {cache}: run `python -m flows.extract_clip --root DATA "
             f"--store {cache.rstrip('/')}/features.zarr` first, or pass --cache STORE.zarr")
     return [open_store(url, storage_options=storage_options) for url in found]
-
-
-def parse_storage_options(text: str | None) -> dict[str, Any] | None:
-    """--storage-options JSON -> dict (None when not given)."""
-    if not text:
-        return None
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise UserError(f"--storage-options is not JSON ({error}): pass an object such as "
-                        "'{\"endpoint_url\": \"http://minio:9000\"}'") from None
-    if not isinstance(options, dict):
-        raise UserError("--storage-options must be a JSON object")
-    return options
 
 
 def describe_featureset(fid: str, description: dict[str, Any]) -> str:

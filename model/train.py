@@ -45,14 +45,30 @@ from model.evaluate import LOSS_TERMS, evaluate
 from model.instance import ClusterConfig
 from model.metrics import confusion_matrix, mean_iou
 from model.report import format_summary, plot_curves
-from model.sources import (choose_featureset, discover_stores, parse_storage_options,
-                           scene_sources, split_scenes)
+from model.sources import choose_featureset, discover_stores, scene_sources, split_scenes
 from pipeline.devices import resolve_device
 from storage.errors import UserError
+from storage.store import parse_storage_options
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EPOCHS = 30
+
+def distill_weight(config: TrainConfig, description: dict[str, Any]) -> float:
+    """The per-point distillation weight: --distill-weight, or by default 1 when the feature
+    set's 2D features live in CLIP's text-aligned embedding space (maskclip), else 0."""
+    aligned = (description.get("spatial_kind") == "maskclip"
+               and int(description["spatial_dim"]) == int(description["global_dim"]))
+    if config.distill_weight is None:
+        return 1.0 if aligned else 0.0
+    if config.distill_weight > 0 and not aligned:
+        raise UserError(
+            f"--distill-weight needs 2D features in CLIP's embedding space, and this feature set "
+            f"holds {description.get('spatial_kind')} features ({description.get('spatial_dim')}-d "
+            f"vs CLIP's {description.get('global_dim')}-d): extract with --spatial-kind maskclip, "
+            "or drop --distill-weight")
+    return config.distill_weight
+
 
 def build_model(config: TrainConfig, description: dict[str, Any]) -> FusionModel:
     """The fusion model whose 2D and CLIP widths match the feature set's."""
@@ -64,6 +80,7 @@ def build_model(config: TrainConfig, description: dict[str, Any]) -> FusionModel
         width=config.width,
         use_2d=config.use_2d,
         instance_head=config.instance_head,
+        point_embed=distill_weight(config, description) > 0,
     ))
 
 
@@ -135,7 +152,8 @@ class Trainer:
             # and, if given, a new number of epochs (which stretches the learning-rate schedule)
             saved = TrainConfig(**_tuples(checkpoint["config"]))
             config = dataclasses.replace(saved, cache=config.cache, resume=config.resume,
-                                         storage_options=config.storage_options,
+                                         storage_options=(config.storage_options
+                                                          or saved.storage_options),
                                          epochs=config.epochs or saved.epochs,
                                          device=config.device)
         elif config.epochs is None:
@@ -144,9 +162,11 @@ class Trainer:
         self.distributed = Distributed.from_environment(resolve_device(config.device))
         self.device = self.distributed.device
         if config.batch_scenes % self.distributed.world_size:
+            fix = (f"resume it on a number of processes that divides {config.batch_scenes}"
+                   if checkpoint is not None else
+                   f"pass a multiple of {self.distributed.world_size} (it is the global batch)")
             raise UserError(f"--batch-scenes {config.batch_scenes} does not split across "
-                            f"{self.distributed.world_size} processes: pass a multiple of "
-                            f"{self.distributed.world_size} (it is the global batch)")
+                            f"{self.distributed.world_size} processes: {fix}")
         self.amp = self.device.type == "cuda" if config.amp is None else config.amp
         if self.amp and self.device.type != "cuda":
             raise UserError("--amp needs a CUDA device (float16 autocast on a CPU is slow and "
@@ -162,7 +182,12 @@ class Trainer:
             warnings.warn(f"feature set {self.featureset} ({self.description.get('model')}) was "
                           "extracted with RANDOM CLIP weights: its features carry no meaning; "
                           "fine for plumbing, not for results", stacklevel=2)
-        sources = scene_sources(stores, self.featureset)
+        # rank 0 decides which scenes are finished (a store still being written could otherwise
+        # give the processes different scene lists, and so different step counts)
+        chosen = self.distributed.broadcast(
+            lambda: {s: stores.index(store) for s, store in
+                     scene_sources(stores, self.featureset).items()})
+        sources = {scene_id: stores[index] for scene_id, index in chosen.items()}
         self.train_ids, self.val_ids = split_scenes(list(sources), config.val_list,
                                                     config.val_fraction, config.seed)
         self.scenes = CachedScenes(
@@ -178,7 +203,8 @@ class Trainer:
                                       offset_weight=config.offset_weight,
                                       direction_weight=config.direction_weight,
                                       clip_schedule=config.clip_schedule,
-                                      temperature=config.temperature)
+                                      temperature=config.temperature,
+                                      distill_weight=distill_weight(config, self.description))
         self.cluster = ClusterConfig(config.cluster_radius, config.min_instance_points)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr,
                                            weight_decay=config.weight_decay)
@@ -206,6 +232,19 @@ class Trainer:
         # every parameter gets a gradient each step (the losses keep even a 0-weighted CLIP
         # term and an empty offset term in the graph), so DDP need not search for unused ones
         return nn.parallel.DistributedDataParallel(self.model)
+
+    def _gather_partial_epoch(self) -> None:
+        """Before an interrupted DDP run saves: rank 0's epoch state takes every process's
+        loss sums, step count and confusion so far (the others then start from zero)."""
+        if not self.distributed.enabled:
+            return
+        state = self.state
+        totals = self.distributed.sum(torch.tensor(
+            [state.sums[name] for name in LOSS_TERMS] + [state.steps_done], dtype=torch.float64))
+        confusion = self.distributed.sum(state.confusion)
+        if self.distributed.is_main:
+            state.sums = {name: float(totals[i]) for i, name in enumerate(LOSS_TERMS)}
+            state.steps_done, state.confusion = int(totals[-1]), confusion
 
     def _batches(self, epoch: int) -> list[list[str]]:
         """The global batches of scene ids of one epoch (see `_epoch_batches`)."""
@@ -246,8 +285,9 @@ class Trainer:
                     if record["val"]["miou"] >= max(r["val"]["miou"] for r in self.history):
                         self.save("best.pt")
             except _Stopped:
+                path = self.save("interrupted.pt") if main else None
+                self.distributed.barrier()  # the others exit once the checkpoint is whole
                 if main:
-                    path = self.save("interrupted.pt")
                     launcher = (f"torchrun --nproc_per_node {self.distributed.world_size}"
                                 if self.distributed.enabled else "python")
                     log.warning("interrupted at epoch %d step %d: resume with `%s -m model.train "
@@ -302,6 +342,7 @@ class Trainer:
                 state.step += 1
                 bar.update()
                 if distributed.any(self._stop.requested):
+                    self._gather_partial_epoch()
                     raise _Stopped
         bar.close()
         seconds = time.perf_counter() - start
@@ -357,6 +398,10 @@ class Trainer:
         self.scaler.load_state_dict(checkpoint["scaler"])
         known = {f.name for f in dataclasses.fields(EpochState)}  # older checkpoints had more
         self.state = EpochState(**{k: v for k, v in checkpoint["state"].items() if k in known})
+        self.state.sums = {**dict.fromkeys(LOSS_TERMS, 0.0), **self.state.sums}
+        if not self.distributed.is_main:  # rank 0 carries the interrupted epoch's totals
+            self.state.sums = dict.fromkeys(LOSS_TERMS, 0.0)
+            self.state.steps_done, self.state.confusion = 0, None
         self.history = checkpoint["history"]
         log.info("resumed at epoch %d, step %d of %s", self.state.epoch + 1, self.state.step,
                  self.config.resume)
@@ -367,19 +412,21 @@ class _Stopped(Exception):
 
 
 class _StopOnCtrlC:
-    """The first Ctrl-C asks the loop to stop after the current step; a second one aborts."""
+    """The first Ctrl-C (or SIGTERM, as torchrun, SLURM and Kubernetes send before they kill)
+    asks the loop to stop after the current step and save; a second one aborts."""
 
     requested = False
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self) -> _StopOnCtrlC:
-        self._previous = None
+        self._previous = {}
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def __exit__(self, *exc_info) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
     def _handle(self, signum, frame) -> None:
         if self.requested:

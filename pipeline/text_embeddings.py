@@ -13,7 +13,6 @@ never runs CLIP. Prompts already cached are not encoded again.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -28,7 +27,7 @@ from pipeline.clip_encoder import EncoderConfig, EncoderError, FrozenClipEncoder
 from pipeline.prompts import SCANNET20_PROMPTS, add_templates_argument, resolve_templates
 from storage.errors import StoreError, UserError
 from storage.featureset import IDENTITY_KEYS
-from storage.store import FeatureStore, open_store
+from storage.store import FeatureStore, open_store, parse_storage_options
 from storage.text import missing_prompts, write_text_embeddings
 
 log = logging.getLogger(__name__)
@@ -157,11 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --prompts or --scannet20")
     try:
         templates = resolve_templates(args.templates)
-        try:
-            options = json.loads(args.storage_options) if args.storage_options else None
-        except json.JSONDecodeError as error:
-            raise UserError(f"--storage-options is not JSON: {error}") from None
-        store = open_store(args.store, mode="a", storage_options=options)
+        store = open_store(args.store, mode="a",
+                           storage_options=parse_storage_options(args.storage_options))
         featureset = choose_featureset(store, args.featureset)
         computed = ensure_text_embeddings(store, featureset, prompts, templates,
                                           pretrained=args.pretrained, device=args.device)

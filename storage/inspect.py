@@ -11,7 +11,7 @@ import numpy as np
 import zarr
 
 from storage.errors import UserError
-from storage.store import FeatureStore, open_store
+from storage.store import FeatureStore, open_store, parse_storage_options
 
 
 def summarise(store: FeatureStore) -> dict[str, Any]:
@@ -101,12 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("store", help="store path or fsspec URL (e.g. storage/scannet.zarr)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    parser.add_argument("--storage-options", default=None, type=json.loads,
+    parser.add_argument("--storage-options", default=None,
                         help="JSON fsspec options of a store URL, e.g. '{\"endpoint_url\": "
                         "\"http://minio:9000\"}' (credentials from the environment)")
     args = parser.parse_args(argv)
     try:
-        report = summarise(open_store(args.store, storage_options=args.storage_options))
+        report = summarise(open_store(args.store,
+                                      storage_options=parse_storage_options(args.storage_options)))
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ whose data is missing.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import uuid
@@ -145,19 +146,48 @@ def open_store(path_or_url: str | os.PathLike, mode: str = "r",
     return FeatureStore(root, url, mode)
 
 
-_SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "connection_string")
 
 
 def check_storage_options(storage_options: dict[str, Any] | None) -> None:
-    """Refuse credentials in storage options: options are logged and kept in Prefect's run
-    history; credentials come from the environment."""
-    secret = sorted(name for name in storage_options or {}
-                    if any(word in name.lower() for word in _SECRET_WORDS))
+    """Refuse credentials in storage options, at any depth (s3fs takes them in client_kwargs
+    too): options are logged and kept in Prefect's run history and in checkpoints;
+    credentials come from the environment."""
+    secret = sorted(_secret_names(storage_options or {}))
     if secret:
         raise UserError(
             f"storage options {', '.join(secret)} look like credentials, which must not be passed "
             "as options (they would be logged): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
             "(or AWS_PROFILE) in the environment of every process that opens the store")
+
+
+def _secret_names(options: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the entries of a nested options object that look like credentials."""
+    found: list[str] = []
+    items = (options.items() if isinstance(options, dict)
+             else enumerate(options) if isinstance(options, list) else ())
+    for name, value in items:
+        dotted = f"{prefix}{name}"
+        if isinstance(name, str) and any(word in name.lower() for word in _SECRET_WORDS):
+            found.append(dotted)
+        found += _secret_names(value, dotted + ".")
+    return found
+
+
+def parse_storage_options(text: str | None) -> dict[str, Any] | None:
+    """A --storage-options value: a JSON object without credentials, or None when not given."""
+    if not text:
+        return None
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError(f"--storage-options is not JSON ({error}): pass an object such as "
+                        '\'{"endpoint_url": "http://minio:9000"}\'') from None
+    if not isinstance(options, dict):
+        raise UserError("--storage-options must be a JSON object, such as "
+                        '\'{"endpoint_url": "http://minio:9000"}\'')
+    check_storage_options(options)
+    return options
 
 
 def _check_writable(path: Path) -> None:

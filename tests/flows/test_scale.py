@@ -96,6 +96,13 @@ def test_flow_on_an_existing_dask_cluster_gives_the_single_process_store(
     assert all(w["model_loads"] == 1 for w in again["workers"].values())
 
 
+def test_resources_no_worker_offers_fail_at_once(prefect_api, dask_cluster, synthetic_root,
+                                                 tmp_path):
+    with pytest.raises(UserError, match="no worker of the Dask cluster .* offers TPU=1"):
+        run(synthetic_root, tmp_path / "store.zarr", dask_address=dask_cluster,
+            dask_resources={"TPU": 1})
+
+
 # ------------------------------------------------------------------ object storage
 
 
@@ -171,6 +178,9 @@ def test_credentials_as_storage_options_are_refused(s3_server, synthetic_root, t
                          "none", "--storage-options", '{"key": "AKIA", "endpoint_url": "x"}'])
     err = capsys.readouterr().err
     assert code == 1 and "look like credentials" in err and "AKIA" not in err
+    with pytest.raises(UserError, match="client_kwargs.aws_secret_access_key"):  # nested too
+        open_store("s3://features/x.zarr", storage_options={
+            "client_kwargs": {"region_name": "x", "aws_secret_access_key": "s3cr3t"}})
 
 
 def test_a_missing_bucket_is_a_clear_error(s3_server):

@@ -73,7 +73,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(five_scenes,
     assert (tmp_path / "two" / "checkpoints" / "best.pt").exists()
 
 
-def test_kill_9_of_a_ddp_run_then_resume_under_torchrun(five_scenes, tmp_path):
+@pytest.mark.parametrize("how", ["kill -9", "Ctrl-C"])
+def test_interrupted_ddp_run_resumes_to_the_uninterrupted_metrics(five_scenes, tmp_path, how):
+    """kill -9 of torchrun and its processes (resume from last.pt), or SIGINT to torchrun,
+    which forwards it: every process stops at the same step and rank 0 saves interrupted.pt
+    with the epoch's loss sums and confusion of all processes so far."""
     store, val = five_scenes
     common = ["--cache", str(store), "--val-list", str(val), *SETTINGS]
     subprocess.run(torchrun(*common, "--out", str(tmp_path / "a")), cwd=REPO, check=True,
@@ -86,13 +90,37 @@ def test_kill_9_of_a_ddp_run_then_resume_under_torchrun(five_scenes, tmp_path):
     while not (run_dir / "checkpoints" / "last.pt").exists():
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGKILL)  # torchrun and both training processes
-    process.wait()
+    if how == "kill -9":
+        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both training processes
+    else:
+        process.send_signal(signal.SIGINT)
+    process.wait(timeout=120)
     assert 1 <= len(history(run_dir)) < 3
+    if how == "Ctrl-C":
+        assert (run_dir / "checkpoints" / "interrupted.pt").exists()
     resumed = subprocess.run(torchrun("--cache", str(store), "--resume", str(run_dir)), cwd=REPO,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert strip_timing(history(run_dir)) == strip_timing(history(tmp_path / "a"))
+
+
+def test_a_scene_no_view_sees_trains_under_ddp(five_scenes, tmp_path):
+    """All frames of a training scene invalid: its process has no view for the CLIP loss, and
+    DDP still gets a gradient for every parameter (else: a crash or a hang)."""
+    import shutil
+
+    from storage import open_store
+
+    store, val = five_scenes
+    copy = tmp_path / "store.zarr"
+    shutil.copytree(store, copy)
+    frames = open_store(copy, mode="a").root["scenes"]["scene0000_00"]["frames"]
+    frames["valid"][:] = False
+    result = subprocess.run(torchrun("--cache", str(copy), "--val-list", str(val), *SETTINGS,
+                                     "--epochs", "1", "--out", str(tmp_path / "run")),
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(history(tmp_path / "run")) == 1
 
 
 def test_an_epoch_is_cut_into_global_batches_every_process_shares():

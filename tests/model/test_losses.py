@@ -14,6 +14,7 @@ from model.losses import (
     clip_consistency_loss,
     clip_weight_schedule,
     compute_losses,
+    distill_loss,
     effective_temperature,
     finite_or_skip,
     rebalance_for_global_mean,
@@ -115,8 +116,9 @@ def test_views_that_see_no_point_are_left_out():
     used = torch.tensor([0, 2, 4])
     loss = clip_consistency_loss(embed, target, counts)
     torch.testing.assert_close(loss, clip_consistency_loss(embed[used], target[used], counts[used]))
+    embed.requires_grad_(True)
     none = clip_consistency_loss(embed, target, torch.zeros(5, dtype=torch.int64))
-    assert none.item() == 0.0
+    assert none.item() == 0.0 and none.requires_grad  # in the graph: DDP needs every gradient
 
 
 def test_finite_or_skip():
@@ -132,9 +134,11 @@ def test_compute_losses_weights_the_clip_term_by_epoch():
     output = FusionModel(TINY)(batch)
     early = compute_losses(output, batch, epoch=3)
     late = compute_losses(output, batch, epoch=30, cfg=LossConfig(semantic_weight=2.0))
-    assert set(early) == {"semantic", "offset", "direction", "clip", "clip_weight", "total",
-                          "counts"}
-    assert early["counts"].tolist() == [float((batch.semantic >= 0).sum()), 0.0]
+    assert set(early) == {"semantic", "offset", "direction", "clip", "distill", "clip_weight",
+                          "total", "counts"}
+    assert early["counts"].tolist() == [float((batch.semantic >= 0).sum()), 0.0,
+                                        float(batch.seen.sum())]
+    assert early["distill"].item() == 0.0  # TINY computes no point embeddings
     assert early["clip_weight"].item() == 0.0 and late["clip_weight"].item() == pytest.approx(0.01)
     assert early["offset"].item() == 0.0  # make_batch has no instances
     torch.testing.assert_close(early["total"], 0.4 * early["semantic"])
@@ -176,19 +180,33 @@ def test_compute_losses_without_views_is_the_semantic_term():
 def test_rebalanced_shares_average_to_the_whole_batch_loss():
     """Two processes' shares of a batch hold 30 and 10 labelled points (and 5 and 15 instance
     points): DDP's average of their rebalanced losses is the loss of the 40 points together."""
-    cfg = LossConfig(clip_schedule=((0, 0.5),))
+    cfg = LossConfig(clip_schedule=((0, 0.5),), distill_weight=2.0)
     sums = [{"semantic": 6.0, "offset": 1.0, "direction": 2.0}, {"semantic": 1.0, "offset": 6.0,
                                                                   "direction": 0.5}]
-    counts = [torch.tensor([30.0, 5.0]), torch.tensor([10.0, 15.0])]
+    counts = [torch.tensor([30.0, 5.0, 8.0]), torch.tensor([10.0, 15.0, 2.0])]
     shares = [{"semantic": torch.tensor(s["semantic"] / c[0]), "offset": torch.tensor(s["offset"] / c[1]),
                "direction": torch.tensor(s["direction"] / c[1]), "clip": torch.tensor(clip),
-               "counts": c} for s, c, clip in zip(sums, counts, (0.2, 0.4))]
+               "distill": torch.tensor(distill / c[2]), "counts": c}
+              for s, c, clip, distill in zip(sums, counts, (0.2, 0.4), (4.0, 1.0))]
     rebalanced = [rebalance_for_global_mean(share, counts[0] + counts[1], 2, epoch=1, cfg=cfg)
                   for share in shares]
     average = {name: (rebalanced[0][name] + rebalanced[1][name]) / 2
-               for name in ("semantic", "offset", "direction", "total")}
+               for name in ("semantic", "offset", "direction", "distill", "total")}
     assert average["semantic"].item() == pytest.approx(7.0 / 40)
     assert average["offset"].item() == pytest.approx(7.0 / 20)
     assert average["direction"].item() == pytest.approx(2.5 / 20)
-    expected_total = 0.4 * 7.0 / 40 + 7.0 / 20 + 2.5 / 20 + 0.5 * (0.2 + 0.4) / 2
+    assert average["distill"].item() == pytest.approx(5.0 / 10)
+    expected_total = 0.4 * 7.0 / 40 + 7.0 / 20 + 2.5 / 20 + 2.0 * 5.0 / 10 + 0.5 * (0.2 + 0.4) / 2
     assert average["total"].item() == pytest.approx(expected_total)
+
+
+def test_distill_loss_is_one_minus_cosine_over_seen_points():
+    embed = torch.tensor([[1.0, 0.0], [0.0, 2.0], [5.0, 5.0]], requires_grad=True)
+    feat2d = torch.tensor([[2.0, 0.0], [1.0, 0.0], [-1.0, 0.0]])
+    seen = torch.tensor([True, True, False])
+    loss = distill_loss(embed, feat2d, seen)
+    assert loss.item() == pytest.approx(1.0 - (1.0 + 0.0) / 2)  # cosines 1 and 0; unseen ignored
+    loss.backward()
+    assert embed.grad[2].abs().sum() == 0 and embed.grad[1].abs().sum() > 0
+    none_seen = distill_loss(embed, feat2d, torch.zeros(3, dtype=torch.bool))
+    assert none_seen.item() == 0.0 and none_seen.requires_grad

@@ -294,3 +294,21 @@ def test_evaluate_cli_prints_metrics_and_writes_ply_and_png(tiny_store, tmp_path
     assert {"red", "semantic_pred", "instance_pred"} <= {p.name for p in vertex.properties}
     assert (tmp_path / "pred" / "scene0001_00.png").stat().st_size > 5000
     assert evaluate_main(["--cache", str(tiny_store), "--checkpoint", str(tmp_path / "no.pt")]) == 1
+
+
+def test_distillation_trains_point_embeddings_on_maskclip_features(synthetic_root, tmp_path):
+    store = tmp_path / "maskclip.zarr"
+    write_store(synthetic_root, store, spatial_kind="maskclip")
+    trainer = Trainer(config(store, tmp_path, epochs=8, val_fraction=0.5, batch_scenes=1))
+    assert trainer.loss_config.distill_weight == 1.0 and trainer.model.config.point_embed
+    history = trainer.fit()
+    first, last = history[0]["train"]["distill"], history[-1]["train"]["distill"]
+    assert 0 < last < 0.7 * first, (first, last)  # points' CLIP-space embeddings approach 2D's
+    assert history[-1]["val"]["distill"] > 0  # reported for validation too
+
+
+def test_distillation_needs_text_aligned_features(tiny_store, tmp_path):
+    with pytest.raises(UserError, match="--spatial-kind maskclip"):
+        Trainer(config(tiny_store, tmp_path, distill_weight=1.0))
+    trainer = Trainer(config(tiny_store, tmp_path, epochs=1))
+    assert trainer.loss_config.distill_weight == 0.0 and not trainer.model.config.point_embed

@@ -35,3 +35,14 @@ def test_worker_processes_of_one_machine_get_a_gpu_each(tmp_path):
     assert fourth.stdout.readline().strip() == "0"
     for process in (second, fourth):
         process.communicate("")
+
+
+def test_threads_of_one_process_share_one_gpu(tmp_path):
+    code = ("from concurrent.futures import ThreadPoolExecutor; from pathlib import Path; "
+            "from pipeline.devices import claim_gpu; "
+            f"pool = ThreadPoolExecutor(8); lock_dir = Path({str(tmp_path)!r}); "
+            "print(sorted(set(pool.map(lambda _: claim_gpu(count=4, lock_dir=lock_dir), "
+            "range(32)))))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[0]"
