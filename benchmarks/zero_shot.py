@@ -115,6 +115,13 @@ def measure(workdir: Path, sizes: dict[str, int], noise: float) -> dict[str, Any
     return figures
 
 
+def per_class(result: dict[str, Any]) -> str:
+    """"wall 0.96, floor 0.94, ...": the IoU of each class present."""
+    return ", ".join(f"{name} {iou:.2f}" for name, iou in zip(SCANNET20_PROMPTS,
+                                                              result["class_iou"])
+                     if iou is not None)
+
+
 def format_section(figures: dict[str, Any], command: str, where: str) -> str:
     sizes = figures["sizes"]
     all_n, val = len(figures["scenes"]), figures["planted_held_out"]["scenes"]
@@ -147,10 +154,9 @@ def format_section(figures: dict[str, Any], command: str, where: str) -> str:
         f"| chance: a random prompt per point | - | all {all_n} / held-out {len(val)} | "
         f"{figures['chance_all']:.3f} / {figures['chance_held_out']:.3f} | - |",
         "",
-        "Per-class IoU, planted, 2d, all scenes: " + ", ".join(
-            f"{name} {iou:.2f}" for name, iou in zip(SCANNET20_PROMPTS,
-                                                     figures["planted_2d"]["class_iou"])
-            if iou is not None) + ".",
+        "Per-class IoU, planted, 2d, all scenes: " + per_class(figures["planted_2d"]) + ".",
+        f"Per-class IoU, planted, fused, held-out: "
+        + per_class(figures["planted_held_out"]["fused"]) + ".",
         "Fused route training (model.train, CPU): "
         f"{figures['planted_held_out']['train_seconds']:.0f} s on the planted store, "
         f"{figures['random_held_out']['train_seconds']:.0f} s on the random one; held-out "

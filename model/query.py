@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.dataset import CachedScenes, SceneSample, collate
+from model.dataset import CachedScenes, ProjectionConfig, SceneSample, collate
 from model.evaluate import (_floats, class_colours, format_result, plot_top_views,
                             write_points_ply)
 from model.fusion import FusionModel
@@ -156,23 +156,29 @@ class Query:
         self.config = config
         self.model: FusionModel | None = None
         self.amp = False
+        device = resolve_device(config.device)
+        stores = discover_stores(config.cache, parse_storage_options(config.storage_options))
+        projection = ProjectionConfig()
         if config.checkpoint:
-            from model.config import TrainConfig
-            from model.train import Trainer
+            from model.train import distill_weight, load_trained_model  # (import cycle)
 
-            trainer = Trainer(TrainConfig(cache=config.cache, resume=config.checkpoint,
-                                          device=config.device,
-                                          storage_options=config.storage_options))
-            if config.featureset not in (None, trainer.featureset):
-                raise UserError(f"{config.checkpoint} was trained on feature set "
-                                f"{trainer.featureset}, not {config.featureset}: drop --featureset")
-            self.featureset, self.description = trainer.featureset, trainer.description
-            self.scenes, self.model, self.amp = trainer.scenes, trainer.model, trainer.amp
+            self.model, trained, featureset, trained_on = load_trained_model(config.checkpoint,
+                                                                             device)
+            if config.featureset not in (None, featureset):
+                raise UserError(f"{config.checkpoint} was trained on feature set {featureset}, "
+                                f"not {config.featureset}: drop --featureset")
+            self.amp = device.type == "cuda" if trained.amp is None else trained.amp
+            projection = ProjectionConfig(trained.depth_threshold, trained.relative_threshold)
+            if distill_weight(trained, trained_on) == 0:
+                log.warning("%s was trained without the per-point distillation loss: its CLIP "
+                            "head knows view means only, expect the fused route near chance "
+                            "(train on a maskclip feature set, or with --distill-weight)",
+                            config.checkpoint)
+            self.featureset, self.description = choose_featureset(stores, featureset)
         else:
-            stores = discover_stores(config.cache, parse_storage_options(config.storage_options))
             self.featureset, self.description = choose_featureset(stores, config.featureset)
-            self.scenes = CachedScenes(scene_sources(stores, self.featureset), self.featureset,
-                                       resolve_device(config.device))
+        self.scenes = CachedScenes(scene_sources(stores, self.featureset), self.featureset,
+                                   device, projection)
         if "planted" in self.description:
             log.info("feature set %s is planted (pipeline.planted): its features are text "
                      "embeddings planted per labelled region, a yardstick", self.featureset)
@@ -186,12 +192,17 @@ class Query:
             raise UserError(f"no finished features of feature set {self.featureset} for scene "
                             f"{', '.join(missing)} in {config.cache} (scenes: "
                             f"{', '.join(sorted(self.scenes.sources)) or 'none'})")
-        self.text = {scene_id: self._text_embeddings(scene_id) for scene_id in config.scenes}
+        by_store = {}  # read once per store, not once per scene
+        self.text = {}
+        for scene_id in config.scenes:
+            store = self.scenes.sources[scene_id]
+            if store.url not in by_store:
+                by_store[store.url] = self._text_embeddings(store)
+            self.text[scene_id] = by_store[store.url]
 
-    def _text_embeddings(self, scene_id: str) -> Tensor:
-        """(K, D) embeddings of the prompts, from the store that holds the scene."""
-        store, prompts, templates = (self.scenes.sources[scene_id], self.config.prompts,
-                                     self.config.templates)
+    def _text_embeddings(self, store) -> Tensor:
+        """(K, D) embeddings of the prompts, from one store."""
+        prompts, templates = self.config.prompts, self.config.templates
         missing = missing_prompts(store, self.featureset, prompts, templates)
         if missing:
             command = text_command(store.url, self.featureset,

@@ -61,6 +61,8 @@ def distill_weight(config: TrainConfig, description: dict[str, Any]) -> float:
                and int(description["spatial_dim"]) == int(description["global_dim"]))
     if config.distill_weight is None:
         return 1.0 if aligned else 0.0
+    if config.distill_weight < 0:
+        raise UserError(f"--distill-weight {config.distill_weight}: a weight is 0 or more")
     if config.distill_weight > 0 and not aligned:
         raise UserError(
             f"--distill-weight needs 2D features in CLIP's embedding space, and this feature set "
@@ -82,6 +84,21 @@ def build_model(config: TrainConfig, description: dict[str, Any]) -> FusionModel
         instance_head=config.instance_head,
         point_embed=distill_weight(config, description) > 0,
     ))
+
+
+def load_trained_model(path: str, device: torch.device
+                       ) -> tuple[FusionModel, TrainConfig, str, dict[str, Any]]:
+    """A trained model for inference: (model in eval mode on `device`, the run's config, its
+    feature set id and description). Unlike `Trainer(resume=...)` it needs none of the run's
+    data (no store, no validation list)."""
+    checkpoint = _load_checkpoint(path)
+    saved = dict(checkpoint["config"])
+    saved.setdefault("distill_weight", 0.0)  # checkpoints from before the term had none
+    config = TrainConfig(**_tuples(saved))
+    description = checkpoint["featureset_description"]
+    model = build_model(config, description).to(device)
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), config, checkpoint["featureset"], description
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
@@ -150,7 +167,9 @@ class Trainer:
         if checkpoint is not None:
             # the resumed run's settings win, except where to read the stores from, the device
             # and, if given, a new number of epochs (which stretches the learning-rate schedule)
-            saved = TrainConfig(**_tuples(checkpoint["config"]))
+            saved = dict(checkpoint["config"])
+            saved.setdefault("distill_weight", 0.0)  # a run from before the term keeps without it
+            saved = TrainConfig(**_tuples(saved))
             config = dataclasses.replace(saved, cache=config.cache, resume=config.resume,
                                          storage_options=(config.storage_options
                                                           or saved.storage_options),

@@ -12,6 +12,7 @@ sentences, as in CLIP's zero-shot classifiers.
 from __future__ import annotations
 
 import argparse
+import string
 from collections.abc import Sequence
 
 from pipeline.labels import CLASS_NAMES
@@ -53,7 +54,12 @@ def resolve_templates(values: Sequence[str] | None) -> tuple[str, ...]:
     if len(values) == 1 and values[0] in TEMPLATE_SETS:
         return TEMPLATE_SETS[values[0]]
     for template in values:
-        if template.count("{}") != 1:
+        try:  # exactly one replacement field, and it is a bare {}
+            fields = [field for _, field, _, _ in string.Formatter().parse(template)
+                      if field is not None]
+        except ValueError:
+            fields = ["?"]
+        if fields != [""]:
             raise UserError(f"template {template!r} must hold {{}} exactly once (where the prompt "
                             f"goes), or name a set: {', '.join(TEMPLATE_SETS)}")
     return tuple(values)

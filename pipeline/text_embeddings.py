@@ -156,9 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --prompts or --scannet20")
     try:
         templates = resolve_templates(args.templates)
-        store = open_store(args.store, mode="a",
-                           storage_options=parse_storage_options(args.storage_options))
+        options = parse_storage_options(args.storage_options)
+        store = open_store(args.store, storage_options=options)  # read only: a typo makes nothing
         featureset = choose_featureset(store, args.featureset)
+        if missing_prompts(store, featureset, prompts, templates):
+            store = open_store(args.store, mode="a", storage_options=options)
         computed = ensure_text_embeddings(store, featureset, prompts, templates,
                                           pretrained=args.pretrained, device=args.device)
     except UserError as error:

@@ -31,10 +31,16 @@ from storage.errors import StoreError
 from storage.store import FeatureStore
 
 
+ENCODING = "mean-of-unit-sentence-embeddings/1"
+"""How pipeline.text_embeddings turns a prompt and templates into one embedding; part of every
+key, so that a change of recipe (a new version here) never reads an entry of the old one."""
+
+
 def text_key(prompt: str, templates: Sequence[str]) -> str:
-    """16 hex characters identifying a prompt encoded with `templates` (order counts)."""
-    canonical = json.dumps({"prompt": prompt, "templates": list(templates)}, sort_keys=True,
-                           separators=(",", ":"), ensure_ascii=False)
+    """16 hex characters identifying a prompt encoded with `templates` (order counts) by the
+    current ENCODING."""
+    canonical = json.dumps({"prompt": prompt, "templates": list(templates), "encoding": ENCODING},
+                           sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

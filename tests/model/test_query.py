@@ -41,9 +41,13 @@ def planted(synthetic_root, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint(planted, tmp_path_factory) -> Path:
-    """A fusion model trained for one epoch on the planted store."""
+    """A fusion model trained for one epoch on the planted store, with a validation list that
+    is deleted afterwards: a query needs none of the run's data split."""
     out = tmp_path_factory.mktemp("run")
-    Trainer(TrainConfig(cache=str(planted), out=str(out), **SMALL)).fit()
+    val_list = out / "val.txt"
+    val_list.write_text("scene0001_00\n")
+    Trainer(TrainConfig(cache=str(planted), out=str(out), val_list=str(val_list), **SMALL)).fit()
+    val_list.unlink()
     return out / "checkpoints" / "last.pt"
 
 

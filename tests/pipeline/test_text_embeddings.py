@@ -135,6 +135,8 @@ def test_cli_encodes_then_reports_cached_and_errors_in_one_line(store_copy, caps
     assert err.startswith(f"error: {store_copy} has no feature set nope (it has: {featureset} ")
     assert err.count("\n") == 1
     assert main(["--store", str(store_copy.parent / "none.zarr"), "--prompts", "x"]) == 1
+    assert "no feature store at" in capsys.readouterr().err
+    assert not (store_copy.parent / "none.zarr").exists()  # a typo creates no empty store
 
 
 def test_help_explains_every_flag():
