@@ -47,7 +47,8 @@ from pipeline.scannet import ScanNetScene, list_scenes
 from pipeline.synthetic import SyntheticScene
 from storage.errors import UserError
 from storage.inspect import summarise
-from storage.store import check_storage_options, open_store, parse_storage_options
+from storage.store import (add_storage_options_argument, check_storage_options, open_store,
+                           parse_storage_options)
 
 SCENE_READERS = {"scannet": ScanNetScene, "synthetic": SyntheticScene}
 
@@ -349,10 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dask-resources", default=None, type=_resources,
                         help="worker resources each scene task needs, e.g. GPU=1 for workers "
                         "started with `dask worker ... --resources GPU=1` (one scene per GPU)")
-    parser.add_argument("--storage-options", default=None,
-                        help="JSON fsspec options of a store URL, e.g. '{\"endpoint_url\": "
-                        "\"http://minio:9000\"}'; credentials are refused here: set "
-                        "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) instead")
+    add_storage_options_argument(parser)
     return parser
 
 

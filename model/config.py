@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from storage.store import STORAGE_OPTIONS_HELP
+
 
 def _option(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
@@ -21,9 +23,7 @@ class TrainConfig:
     """One training run of the fusion model on cached CLIP features."""
 
     cache: str = _option("storage/", "a store (path or fsspec URL) or a folder of *.zarr stores")
-    storage_options: str | None = _option(
-        None, "JSON fsspec options of a store URL, e.g. '{\"endpoint_url\": \"http://minio:9000\"}'"
-        " (credentials come from the environment: AWS_ACCESS_KEY_ID, AWS_PROFILE, ...)")
+    storage_options: str | None = _option(None, STORAGE_OPTIONS_HELP)
     featureset: str | None = _option(
         None, "feature set id to train on (default: the only one; with several, they are listed)")
     out: str | None = _option(None, "run folder for checkpoints, metrics and plots "

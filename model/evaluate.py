@@ -28,6 +28,7 @@ from model.losses import LossConfig, compute_losses
 from model.metrics import class_iou, confusion_matrix, mean_iou
 from pipeline.labels import CLASS_NAMES, THING_CLASSES
 from storage.errors import UserError
+from storage.store import add_storage_options_argument
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                         "predictions/)")
     parser.add_argument("--render", action="store_true", help="also write a PNG per scene")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    parser.add_argument("--storage-options", default=None,
-                        help="JSON fsspec options of a store URL (credentials from the environment)")
+    add_storage_options_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -42,12 +42,13 @@ from model.evaluate import (_floats, class_colours, format_result, plot_top_view
                             write_points_ply)
 from model.fusion import FusionModel
 from model.metrics import class_iou, confusion_matrix, mean_iou
-from model.sources import choose_featureset, discover_stores, scene_sources
+from model.sources import discover_stores, scene_sources
 from pipeline.devices import resolve_device
 from pipeline.prompts import (DEFAULT_TEMPLATES, SCANNET20_PROMPTS, add_templates_argument,
                               resolve_templates, templates_flag)
 from storage.errors import UserError
-from storage.store import parse_storage_options
+from storage.featureset import choose_featureset
+from storage.store import add_storage_options_argument, parse_storage_options
 from storage.text import missing_prompts, read_text_embeddings
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ class Query:
                             config.checkpoint)
             self.featureset, self.description = choose_featureset(stores, featureset)
         else:
-            self.featureset, self.description = choose_featureset(stores, config.featureset)
+            self.featureset, self.description = choose_featureset(stores, config.featureset, "query")
         self.scenes = CachedScenes(scene_sources(stores, self.featureset), self.featureset,
                                    device, projection)
         if "planted" in self.description:
@@ -327,9 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder for <scene>.<route>.ply, <scene>.png and query.json "
                         "(default runs/query-<date>-<time>)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    parser.add_argument("--storage-options", default=None,
-                        help="JSON fsspec options of a store URL, e.g. '{\"endpoint_url\": "
-                        "\"http://minio:9000\"}' (credentials come from the environment)")
+    add_storage_options_argument(parser)
     return parser
 
 

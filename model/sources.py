@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import random
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,41 +36,6 @@ def discover_stores(cache: str, storage_options: dict[str, Any] | None = None
             f"no feature store in {cache}: run `python -m flows.extract_clip --root DATA "
             f"--store {cache.rstrip('/')}/features.zarr` first, or pass --cache STORE.zarr")
     return [open_store(url, storage_options=storage_options) for url in found]
-
-
-def describe_featureset(fid: str, description: dict[str, Any]) -> str:
-    image = "x".join(map(str, description.get("image_size", ())))
-    return (f"{fid}: {description.get('model')} / {description.get('pretrained')}, "
-            f"{description.get('spatial_kind')} {description.get('spatial_dim')}-d, input {image}")
-
-
-def choose_featureset(stores: list[FeatureStore], requested: str | None) -> tuple[str, dict]:
-    """The feature set id and description to train on.
-
-    With `requested` None: the only feature set of the stores; with several, ask on a terminal,
-    otherwise raise a UserError that lists them.
-    """
-    available: dict[str, dict] = {}
-    for store in stores:
-        available.update(store.featuresets())
-    if requested is not None:
-        if requested not in available:
-            listing = "; ".join(describe_featureset(f, d) for f, d in available.items()) or "none"
-            raise StoreError(f"feature set {requested} is in none of the stores (they hold: "
-                             f"{listing}); pick one of these with --featureset")
-        return requested, available[requested]
-    if not available:
-        raise StoreError(f"the stores under {stores[0].url} hold no feature set: run "
-                         "`python -m flows.extract_clip` over your scenes first")
-    if len(available) == 1:
-        return next(iter(available.items()))
-    ids = sorted(available)
-    listing = "\n".join(f"  [{i}] {describe_featureset(f, available[f])}" for i, f in enumerate(ids))
-    if sys.stdin.isatty():
-        answer = input(f"several feature sets:\n{listing}\ntrain on which? [0-{len(ids) - 1}] ")
-        if answer.strip().isdigit() and int(answer) < len(ids):
-            return ids[int(answer)], available[ids[int(answer)]]
-    raise UserError(f"several feature sets, pick one with --featureset:\n{listing}")
 
 
 def scene_sources(stores: list[FeatureStore], featureset: str) -> dict[str, FeatureStore]:

@@ -45,9 +45,10 @@ from model.evaluate import LOSS_TERMS, evaluate
 from model.instance import ClusterConfig
 from model.metrics import confusion_matrix, mean_iou
 from model.report import format_summary, plot_curves
-from model.sources import choose_featureset, discover_stores, scene_sources, split_scenes
+from model.sources import discover_stores, scene_sources, split_scenes
 from pipeline.devices import resolve_device
 from storage.errors import UserError
+from storage.featureset import choose_featureset
 from storage.store import parse_storage_options
 
 log = logging.getLogger(__name__)

@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from pipeline.clip_encoder import EncoderConfig, EncoderError, FrozenClipEncoder, file_sha256
 from pipeline.prompts import SCANNET20_PROMPTS, add_templates_argument, resolve_templates
 from storage.errors import StoreError, UserError
-from storage.featureset import IDENTITY_KEYS
-from storage.store import FeatureStore, open_store, parse_storage_options
+from storage.featureset import IDENTITY_KEYS, choose_featureset
+from storage.store import (FeatureStore, add_storage_options_argument, open_store,
+                           parse_storage_options)
 from storage.text import missing_prompts, write_text_embeddings
 
 log = logging.getLogger(__name__)
@@ -115,17 +116,6 @@ def ensure_text_embeddings(store: FeatureStore, featureset: str, prompts: Sequen
     return len(missing)
 
 
-def choose_featureset(store: FeatureStore, requested: str | None) -> str:
-    """The requested feature set, or the store's only one; else a UserError listing them."""
-    available = store.featuresets()
-    listing = "; ".join(f"{fid} ({d.get('model')}, {d.get('pretrained')}, {d.get('spatial_kind')})"
-                        for fid, d in available.items()) or "none"
-    if requested in available or (requested is None and len(available) == 1):
-        return requested or next(iter(available))
-    what = f"no feature set {requested}" if requested else f"{len(available)} feature sets"
-    raise StoreError(f"{store.url} has {what} (it has: {listing}); pick one with --featureset")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.text_embeddings",
@@ -146,9 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the checkpoint file, for a feature set extracted from one (the "
                         "store records its SHA-256, which must match)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    parser.add_argument("--storage-options", default=None,
-                        help="JSON fsspec options of a store URL, e.g. '{\"endpoint_url\": "
-                        "\"http://minio:9000\"}' (credentials come from the environment)")
+    add_storage_options_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     prompts = list(dict.fromkeys([*args.prompts, *(SCANNET20_PROMPTS if args.scannet20 else ())]))
@@ -158,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         templates = resolve_templates(args.templates)
         options = parse_storage_options(args.storage_options)
         store = open_store(args.store, storage_options=options)  # read only: a typo makes nothing
-        featureset = choose_featureset(store, args.featureset)
+        featureset, _ = choose_featureset([store], args.featureset, "encode prompts for")
         if missing_prompts(store, featureset, prompts, templates):
             store = open_store(args.store, mode="a", storage_options=options)
         computed = ensure_text_embeddings(store, featureset, prompts, templates,

@@ -11,7 +11,8 @@ import numpy as np
 import zarr
 
 from storage.errors import UserError
-from storage.store import FeatureStore, open_store, parse_storage_options
+from storage.store import (FeatureStore, add_storage_options_argument, open_store,
+                           parse_storage_options)
 
 
 def summarise(store: FeatureStore) -> dict[str, Any]:
@@ -101,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("store", help="store path or fsspec URL (e.g. storage/scannet.zarr)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    parser.add_argument("--storage-options", default=None,
-                        help="JSON fsspec options of a store URL, e.g. '{\"endpoint_url\": "
-                        "\"http://minio:9000\"}' (credentials from the environment)")
+    add_storage_options_argument(parser)
     args = parser.parse_args(argv)
     try:
         report = summarise(open_store(args.store,

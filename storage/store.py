@@ -27,6 +27,7 @@ whose data is missing.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from storage.errors import StoreError, UserError
-from storage.featureset import featureset_id
+from storage.featureset import describe_featureset, featureset_id
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,17 @@ def _secret_names(options: Any, prefix: str = "") -> list[str]:
             found.append(dotted)
         found += _secret_names(value, dotted + ".")
     return found
+
+
+STORAGE_OPTIONS_HELP = (
+    "JSON fsspec options of a store URL, e.g. '{\"endpoint_url\": \"http://minio:9000\"}'; "
+    "credentials are refused here: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
+"""The help of every command's --storage-options (model.train's comes from TrainConfig)."""
+
+
+def add_storage_options_argument(parser: argparse.ArgumentParser) -> None:
+    """`--storage-options JSON`, read with `parse_storage_options`."""
+    parser.add_argument("--storage-options", default=None, help=STORAGE_OPTIONS_HELP)
 
 
 def parse_storage_options(text: str | None) -> dict[str, Any] | None:
@@ -349,10 +361,7 @@ class FeatureStore:
     def _featureset_description(self, featureset: str) -> dict[str, Any]:
         available = self.featuresets()
         if featureset not in available:
-            listing = "; ".join(
-                f"{fid} ({d.get('model')}, {d.get('pretrained')}, {d.get('spatial_kind')})"
-                for fid, d in available.items()
-            ) or "none"
+            listing = "; ".join(describe_featureset(f, d) for f, d in available.items()) or "none"
             raise StoreError(
                 f"{self.url} has no feature set {featureset} (it has: {listing}); "
                 f"pick one with --featureset or run `{EXTRACT_COMMAND.format(store=self.url)}`"

@@ -176,7 +176,7 @@ def test_cli_errors_are_one_line_and_name_the_fix(planted, tmp_path, capsys):
         return err
 
     assert "no finished features" in error("--scene", "scene9999_00", "--eval")
-    assert "feature set nope is in none" in error("--scene", SCENES[0], "--eval",
+    assert "has no feature set nope" in error("--scene", SCENES[0], "--eval",
                                                   "--featureset", "nope")
     assert "--checkpoint" in error("--scene", SCENES[0], "--eval", "--route", "fused")
     lamp = ["--scene", SCENES[0], "--text", "lamp", "chair", "--templates", "plain",

@@ -132,7 +132,7 @@ def test_cli_encodes_then_reports_cached_and_errors_in_one_line(store_copy, caps
     assert missing_prompts(store, featureset, SCANNET20_PROMPTS, ("{}",)) == []
     assert main(["--store", str(store_copy), "--featureset", "nope", "--prompts", "x"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {store_copy} has no feature set nope (it has: {featureset} ")
+    assert err.startswith(f"error: {store_copy} has no feature set nope (it has: {featureset}: ")
     assert err.count("\n") == 1
     assert main(["--store", str(store_copy.parent / "none.zarr"), "--prompts", "x"]) == 1
     assert "no feature store at" in capsys.readouterr().err

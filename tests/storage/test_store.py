@@ -113,7 +113,7 @@ def test_not_done_frames_are_an_error_naming_the_frame(store):
 
 def test_missing_featureset_lists_what_exists(store):
     fid = featureset_id(DESCRIPTION)
-    with pytest.raises(StoreError, match=f"no feature set abc.*{fid} \\(test-ViT-tiny, none, tokens\\)"):
+    with pytest.raises(StoreError, match=f"no feature set abc.*{fid}: test-ViT-tiny / none, tokens"):
         store.features("scene0000_00", "abc")
 
 
