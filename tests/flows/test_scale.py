@@ -56,26 +56,32 @@ def stop(*processes: subprocess.Popen) -> None:
 # ------------------------------------------------------------------ Dask cluster
 
 
-@pytest.fixture(scope="module")
-def dask_cluster(tmp_path_factory) -> Iterator[str]:
-    """A scheduler and 2 single-threaded worker processes, as `dask` CLIs on 127.0.0.1."""
+def start_cluster(logs: Path, workers: int, threads: int) -> tuple[str, list]:
+    """`dask scheduler` and `dask worker --nworkers N --nthreads T --resources GPU=1` (a
+    pretend GPU each) on 127.0.0.1; returns the address and the processes."""
     port = free_port()
-    logs = tmp_path_factory.mktemp("dask-logs")
     scheduler = subprocess.Popen(
         [BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
         stdout=open(logs / "scheduler.log", "w"), stderr=subprocess.STDOUT)
     wait_for_port(port, scheduler)
     address = f"tcp://127.0.0.1:{port}"
-    workers = subprocess.Popen(
-        [BIN / "dask", "worker", address, "--nworkers", "2", "--nthreads", "1", "--no-dashboard",
-         "--host", "127.0.0.1", "--resources", "GPU=1"],  # a pretend GPU each: one scene at a time
+    worker = subprocess.Popen(
+        [BIN / "dask", "worker", address, "--nworkers", str(workers), "--nthreads", str(threads),
+         "--no-dashboard", "--host", "127.0.0.1", "--resources", "GPU=1"],
         cwd=REPO, stdout=open(logs / "workers.log", "w"), stderr=subprocess.STDOUT)
     from distributed import Client
 
     with Client(address, timeout=60) as client:
-        client.wait_for_workers(2, timeout=120)
+        client.wait_for_workers(workers, timeout=120)
+    return address, [worker, scheduler]
+
+
+@pytest.fixture(scope="module")
+def dask_cluster(tmp_path_factory) -> Iterator[str]:
+    """A scheduler and 2 single-threaded worker processes, as `dask` CLIs on 127.0.0.1."""
+    address, processes = start_cluster(tmp_path_factory.mktemp("dask-logs"), 2, 1)
     yield address
-    stop(workers, scheduler)
+    stop(*processes)
 
 
 def test_flow_on_an_existing_dask_cluster_gives_the_single_process_store(
@@ -101,6 +107,33 @@ def test_resources_no_worker_offers_fail_at_once(prefect_api, dask_cluster, synt
     with pytest.raises(UserError, match="no worker of the Dask cluster .* offers TPU=1"):
         run(synthetic_root, tmp_path / "store.zarr", dask_address=dask_cluster,
             dask_resources={"TPU": 1})
+
+
+def test_a_gpu_resource_runs_one_scene_at_a_time_on_a_worker(prefect_api, synthetic_root,
+                                                             tmp_path):
+    """One worker with 2 threads and one (pretend) GPU: with --dask-resources GPU=1 its two
+    scene tasks never overlap (the scheduler's task stream says when each ran); without, they
+    do, so the check can fail."""
+    from distributed import Client, get_task_stream
+
+    address, processes = start_cluster(tmp_path, workers=1, threads=2)
+    try:
+        spans = {}
+        for name, resources in (("gpu", {"GPU": 1}), ("free", None)):
+            with Client(address, timeout=60) as client, get_task_stream(client) as stream:
+                run(synthetic_root, tmp_path / f"{name}.zarr", dask_address=address,
+                    dask_resources=resources)
+            spans[name] = sorted(
+                (min(s["start"] for s in t["startstops"] if s["action"] == "compute"),
+                 max(s["stop"] for s in t["startstops"] if s["action"] == "compute"))
+                for t in stream.data if "extract_scene_task" in str(t["key"]))
+    finally:
+        stop(*processes)
+    assert len(spans["gpu"]) == len(spans["free"]) == 2
+    (_, first_end), (second_start, _) = spans["gpu"]
+    assert second_start >= first_end  # one at a time
+    (_, first_end), (second_start, _) = spans["free"]
+    assert second_start < first_end  # both threads at once
 
 
 # ------------------------------------------------------------------ object storage
