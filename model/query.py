@@ -46,7 +46,7 @@ from model.sources import discover_stores, scene_sources
 from pipeline.devices import resolve_device
 from pipeline.prompts import (DEFAULT_TEMPLATES, SCANNET20_PROMPTS, add_templates_argument,
                               resolve_templates, templates_flag)
-from storage.errors import UserError
+from storage.errors import StoreError, UserError
 from storage.featureset import choose_featureset
 from storage.store import add_storage_options_argument, parse_storage_options
 from storage.text import missing_prompts, read_text_embeddings
@@ -204,15 +204,17 @@ class Query:
     def _text_embeddings(self, store) -> Tensor:
         """(K, D) embeddings of the prompts, from one store."""
         prompts, templates = self.config.prompts, self.config.templates
-        missing = missing_prompts(store, self.featureset, prompts, templates)
-        if missing:
+        try:
+            text = torch.from_numpy(read_text_embeddings(store, self.featureset, prompts,
+                                                         templates))
+        except StoreError:
+            missing = missing_prompts(store, self.featureset, prompts, templates)
             command = text_command(store.url, self.featureset,
                                    tuple(missing) if self.config.text else None, templates,
                                    self.config.storage_options)
             raise UserError(f"{store.url} has no text embeddings of {len(missing)} prompt(s) "
                             f"({', '.join(map(repr, missing[:5]))}) for feature set "
-                            f"{self.featureset}: run `{command}`")
-        text = torch.from_numpy(read_text_embeddings(store, self.featureset, prompts, templates))
+                            f"{self.featureset}: run `{command}`") from None
         widths = {"2d": self.description["spatial_dim"],
                   "fused": self.model.config.clip_dim if self.model is not None else None}
         for route in self.routes:

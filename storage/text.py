@@ -47,38 +47,46 @@ def text_key(prompt: str, templates: Sequence[str]) -> str:
 def missing_prompts(store: FeatureStore, featureset: str, prompts: Sequence[str],
                     templates: Sequence[str]) -> list[str]:
     """The prompts (in the given order, without repeats) that have no cached embedding."""
-    group = _text_group(store, featureset)
-    missing: list[str] = []
-    for prompt in dict.fromkeys(prompts):
-        key = text_key(prompt, templates)
-        if group is None or key not in group or not np.isfinite(group[key][:]).all():
-            missing.append(prompt)
-    return missing
+    return [prompt for prompt, row in _read(store, featureset, prompts, templates).items()
+            if row is None]
 
 
 def read_text_embeddings(store: FeatureStore, featureset: str, prompts: Sequence[str],
                          templates: Sequence[str]) -> np.ndarray:
-    """(K, D) float32 unit-norm embeddings of `prompts`, row k for prompts[k].
+    """(K, D) float32 unit-norm embeddings of `prompts`, row k for prompts[k] (one read each).
 
-    Raises StoreError naming the missing prompts; callers that can say which command computes
-    them check `missing_prompts` first.
+    Raises StoreError naming the missing prompts; a caller that can say which command computes
+    them calls `missing_prompts` after catching it.
     """
-    missing = missing_prompts(store, featureset, prompts, templates)
+    rows = _read(store, featureset, prompts, templates)
+    missing = [prompt for prompt, row in rows.items() if row is None]
     if missing:
         raise StoreError(f"{store.url} has no text embeddings of {', '.join(map(repr, missing))} "
                          f"for feature set {featureset}: compute them with "
                          "`python -m pipeline.text_embeddings`")
-    group = _text_group(store, featureset)
-    return np.stack([group[text_key(prompt, templates)][:] for prompt in prompts])
+    return np.stack([rows[prompt] for prompt in prompts])
+
+
+def _read(store: FeatureStore, featureset: str, prompts: Sequence[str],
+          templates: Sequence[str]) -> dict[str, np.ndarray | None]:
+    """Prompt (without repeats) -> its cached embedding, or None when it is not (completely)
+    written."""
+    store._featureset_description(featureset)  # a StoreError listing the store's feature sets
+    group = store.root["featuresets"][featureset]
+    group = group["text"] if "text" in group else None
+    rows: dict[str, np.ndarray | None] = {}
+    for prompt in dict.fromkeys(prompts):
+        key = text_key(prompt, templates)
+        row = group[key][:] if group is not None and key in group else None
+        rows[prompt] = row if row is not None and np.isfinite(row).all() else None
+    return rows
 
 
 def write_text_embeddings(store: FeatureStore, featureset: str, prompts: Sequence[str],
                           templates: Sequence[str], embeddings: np.ndarray) -> None:
     """Cache `embeddings` (K, D), row k the embedding of prompts[k] with `templates`."""
-    if store.mode != "a":
-        raise StoreError(f"{store.url} is open read-only; open it with mode='a' to write")
-    if featureset not in store.featuresets():
-        raise StoreError(f"{store.url} has no feature set {featureset}")
+    store._require_writable()
+    store._featureset_description(featureset)
     embeddings = np.asarray(embeddings, np.float32)
     if embeddings.shape[0] != len(prompts) or not np.isfinite(embeddings).all():
         raise ValueError(f"need {len(prompts)} finite embeddings, got shape {embeddings.shape}")
@@ -93,10 +101,3 @@ def write_text_embeddings(store: FeatureStore, featureset: str, prompts: Sequenc
         except zarr.errors.ContainsArrayError:  # cached already, or another writer is at it
             array = group[key]
         array[:] = embedding
-
-
-def _text_group(store: FeatureStore, featureset: str) -> zarr.Group | None:
-    if featureset not in store.featuresets():
-        raise StoreError(f"{store.url} has no feature set {featureset}")
-    group = store.root["featuresets"][featureset]
-    return group["text"] if "text" in group else None
