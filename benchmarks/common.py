@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: repeated timing, medians, the machine's description."""
+"""Shared by the benchmarks: repeated timing, medians, the machine's description, and the
+sections of BENCHMARKS.md they rewrite."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+MARKDOWN = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+"""The tables every benchmark writes its section of."""
 
 
 @dataclass
@@ -58,3 +63,15 @@ def machine(device: torch.device) -> str:
     if device.type == "cuda":
         text = f"{torch.cuda.get_device_name(device)}, " + text
     return text
+
+
+def update_markdown(table: str, device: str) -> None:
+    """Replace this device's section of BENCHMARKS.md; other devices' sections stay."""
+    begin, end = f"<!-- results:{device} -->", f"<!-- /results:{device} -->"
+    text = MARKDOWN.read_text() if MARKDOWN.exists() else "# Benchmarks\n"
+    section = f"{begin}\n{table}\n{end}"
+    if begin in text:
+        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + f"\n\n## {device.upper()}\n\n{section}\n"
+    MARKDOWN.write_text(text)

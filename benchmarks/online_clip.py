@@ -1,4 +1,4 @@
-"""The baseline this project replaces: CLIP inside the training step, as the seed's BiFusion runs it.
+"""The baseline this project replaces: CLIP inside the training step, as BiFusion runs it.
 
 Benchmarks only, never a default. Both modes run model.train's own `train_step` on the same
 scenes, views and model; they differ in where the 2D features come from:
@@ -26,8 +26,10 @@ import numpy as np
 import torch
 
 from model.dataset import CachedScenes, collate
-from model.losses import LossConfig
-from model.train import LOSS_TERMS, build_model, train_step
+from model.network.losses import LossConfig
+from model.checkpoint import build_model
+from model.network.losses import LOSS_TERMS
+from model.train import train_step
 from model.config import TrainConfig
 from storage import open_store
 
@@ -37,7 +39,7 @@ class OnlineClipScenes(CachedScenes):
 
     def __init__(self, *args, encoder, scenes_root: Path, **kwargs):
         super().__init__(*args, cache_bytes=0, **kwargs)
-        from pipeline.synthetic import SyntheticScene  # the raw frames of the same scenes
+        from pipeline.readers.synthetic import SyntheticScene# the raw frames of the same scenes
 
         self.encoder = encoder
         self.forward_passes = 0
@@ -76,10 +78,11 @@ def measure(store_path: str, mode: str, scenes_root: Path | None, steps: int, de
     """Median seconds per training step (after one warm-up step) of one mode."""
     target = torch.device(device)
     store = open_store(store_path)
-    (featureset, description), = store.featuresets().items()
+    (featureset, spec), = store.featuresets().items()
     sources = {scene_id: store for scene_id in store.scenes()}
     if mode == "online":
-        from pipeline.clip_encoder import EncoderConfig, FrozenClipEncoder
+        from pipeline.encoders.base import EncoderConfig
+        from pipeline.encoders.clip import FrozenClipEncoder
 
         encoder = FrozenClipEncoder(EncoderConfig(model=model_name, pretrained="none",
                                                   device=device))
@@ -89,7 +92,7 @@ def measure(store_path: str, mode: str, scenes_root: Path | None, steps: int, de
         scenes = CachedScenes(sources, featureset, target)
     config = TrainConfig(device=device)
     torch.manual_seed(0)
-    model = build_model(config, description).to(target)
+    model = build_model(config, spec).to(target)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     amp = target.type == "cuda"
     scaler = torch.amp.GradScaler(target.type, enabled=amp)

@@ -1,8 +1,9 @@
 """`python -m benchmarks.zero_shot`: zero-shot (open-vocabulary) mIoU of model.query on the
 synthetic set; rewrites its own section of BENCHMARKS.md.
 
-Prompts are the 20 ScanNet class names (the default template ensemble); mIoU is over the classes
-present, and points no view sees (the 2d route's "unknown") count as misses. Rows:
+Prompts are the 20 ScanNet class names (the default template ensemble); mIoU is ScanNet's (over
+the classes present or predicted, model.metrics), and points no view sees (the 2d route's
+"unknown") count as misses. Rows:
 
 - planted store (pipeline.planted): each labelled region's features are noisy copies of its class
   name's text embedding, so the 2d route has a known answer: the correctness figure. Its
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import machine
-from benchmarks.run import update_markdown
+from benchmarks.common import update_markdown
 from model.config import TrainConfig
 from model.metrics import confusion_matrix, mean_iou
 from model.query import Query, QueryConfig
@@ -99,9 +100,9 @@ def measure(workdir: Path, sizes: dict[str, int], noise: float) -> dict[str, Any
     write_tiny_store(scenes_root, stores["random"])
     planted = open_store(stores["planted"])
     all_scenes = planted.scenes()
-    (description,) = planted.featuresets().values()
+    (spec,) = planted.featuresets().values()
     figures: dict[str, Any] = {"scenes": all_scenes, "sizes": sizes, "noise": noise,
-                               "grid_size": description["grid_size"],
+                               "grid_size": list(spec.grid_size),
                                "chance_all": chance_miou(stores["planted"], all_scenes)}
     for name in ("planted", "shuffled", "random"):
         figures[f"{name}_2d"] = query(stores[name], all_scenes)["2d"]

@@ -3,12 +3,16 @@
 With a Prefect server running (`prefect server start --host 127.0.0.1`) and PREFECT_API_URL
 pointing at it, this registers the deployment `extract-clip/<name>` and runs every flow run
 triggered for it (`prefect deployment run 'extract-clip/local' --param root=... --watch`)
-until stopped with Ctrl-C or SIGTERM. No work pool is needed.
+until stopped with Ctrl-C or SIGTERM. No work pool is needed. Each flow run is a child process
+in this process's working directory: relative paths given as parameters (root, store) resolve
+there.
 """
 
 from __future__ import annotations
 
 import argparse
+
+from prefect.deployments.runner import EntrypointType
 
 from flows.extract_clip import extract_clip
 
@@ -23,7 +27,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=None,
                         help="most flow runs at once (default: no limit)")
     args = parser.parse_args(argv)
-    extract_clip.serve(name=args.name, limit=args.limit)
+    # The flow runs load the flow as the module flows.extract_clip (not as a file): Dask
+    # workers then find its tasks by the same name, for `--param task_runner=dask`.
+    extract_clip.serve(name=args.name, limit=args.limit,
+                       entrypoint_type=EntrypointType.MODULE_PATH)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100
-"""Semantic label that the loss ignores (torch's cross-entropy default, as in pipeline.scenes)."""
+from storage.labels import IGNORE_INDEX  # noqa: E402,F401 (the label the losses ignore)
 
 
 @dataclass
@@ -39,6 +38,9 @@ class PointBatch:
     view_of_pair: (M,) int64 in [0, V), the view of each visibility pair.
     view_point_index: (M,) int64 in [0, P), the point of each visibility pair.
     view_global: (V, D) float32, the cached global CLIP embedding of each view (not normalised).
+    view_scene: (V,) int64 in [0, num_scenes), the scene of each view (as batch_index is the
+        scene of each point): views of one scene are never each other's negatives in the
+        contrastive CLIP loss.
     segment: (P,) int64 superpoint id unique within the batch, -1 unknown; None if not loaded.
     """
 
@@ -52,6 +54,7 @@ class PointBatch:
     view_of_pair: Tensor
     view_point_index: Tensor
     view_global: Tensor
+    view_scene: Tensor
     segment: Tensor | None = None
 
     def __post_init__(self) -> None:
@@ -63,6 +66,9 @@ class PointBatch:
                                  f"xyz has {num_points}")
         if self.view_of_pair.shape != self.view_point_index.shape:
             raise ValueError("PointBatch.view_of_pair and view_point_index differ in length")
+        if self.view_scene.shape != self.view_global.shape[:1]:
+            raise ValueError(f"PointBatch.view_scene has {self.view_scene.shape[0]} rows, "
+                             f"view_global has {self.view_global.shape[0]}")
         if self.feat2d.requires_grad:
             raise ValueError("PointBatch.feat2d requires grad; cached 2D features are constants")
 

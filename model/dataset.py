@@ -4,6 +4,11 @@ Nothing here runs CLIP. A scene's spatial features are read from the store and f
 points by `pipeline.projection.fuse_features` on the training device under `no_grad`; the
 result is a constant input of the model. Augmentation moves the points after projection, so
 each point keeps the 2D feature of the place it was seen at.
+
+Memory does not grow with frames x points: depth maps and feature grids are read from the
+store a chunk of views at a time (every chunk checked: a missing or corrupt one is a one-line
+error naming the frame), the features are summed into per-point accumulators, and each view
+keeps at most `max_view_points` of the points it sees for the CLIP consistency loss.
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ import numpy as np
 import torch
 
 from model.batch import PointBatch
-from pipeline.projection import GridMapping, fuse_features
+from pipeline.projection import (DEPTH_THRESHOLD, RELATIVE_THRESHOLD, GridMapping, fuse_features,
+                                 rigid_poses)
+from storage.chunks import FrameArray
+from storage.featureset import FeatureSetSpec
 from storage.store import FeatureStore, SceneArrays
 
 log = logging.getLogger(__name__)
@@ -28,9 +36,10 @@ log = logging.getLogger(__name__)
 class ProjectionConfig:
     """How cached features are attached to points (see pipeline.projection.project)."""
 
-    depth_threshold: float = 0.05
-    relative_threshold: float = 0.02
-    view_chunk: int = 16
+    depth_threshold: float = DEPTH_THRESHOLD
+    relative_threshold: float = RELATIVE_THRESHOLD
+    view_chunk: int | None = None  # views read and projected at once; None: by memory
+    max_view_points: int = 4096  # points each view keeps for the CLIP consistency loss
 
 
 @dataclass(frozen=True)
@@ -55,8 +64,9 @@ class SceneSample:
     feat2d: (N, C) float32 mean cached feature over the views that see the point (0 if none).
     seen: (N,) bool. semantic: (N,) int64 (-100 ignored). instance: (N,) int64 (-1 none).
     segment: (N,) int64 superpoint id (-1 unknown).
-    view_visible: (V, N) bool which point each used view sees. view_global: (V, D) float32
-    cached global embeddings of those views.
+    view_pairs: (2, M) int32 (view, point) pairs: which points each used view sees, at most
+    ProjectionConfig.max_view_points per view (a fixed random subset of a view that sees
+    more), view-major. view_global: (V, D) float32 cached global embeddings of those views.
     """
 
     scene_id: str
@@ -67,8 +77,16 @@ class SceneSample:
     semantic: torch.Tensor
     instance: torch.Tensor
     segment: torch.Tensor
-    view_visible: torch.Tensor
+    view_pairs: torch.Tensor
     view_global: torch.Tensor
+
+    @property
+    def view_visible(self) -> torch.Tensor:
+        """(V, N) bool, the pairs as a dense mask (V x N bytes: small scenes and tests only)."""
+        dense = torch.zeros(self.view_global.shape[0], self.xyz.shape[0], dtype=torch.bool,
+                            device=self.xyz.device)
+        dense[self.view_pairs[0].long(), self.view_pairs[1].long()] = True
+        return dense
 
 
 class CachedScenes:
@@ -110,20 +128,40 @@ class CachedScenes:
         return sample
 
     def load(self, scene_id: str) -> SceneSample:
-        """Read one scene and project its cached features onto its points."""
+        """Read one scene and project its cached features onto its points.
+
+        Depth and spatial features are read a chunk of views at a time; raises StoreError
+        (naming the scene, frame and chunk file) for a frame whose chunks are missing or corrupt,
+        and for scenes whose frames are not all done."""
         store = self.sources[scene_id]
-        scene = store.scene(scene_id)
-        features = store.features(scene_id, self.featureset)
-        usable = scene.valid & features.done
-        return self.attach(scene_id, scene, usable, features.spatial[usable],
-                           features.global_[usable], features.description)
+        scene = store.scene(scene_id, with_depth=False)
+        spec = store.featureset_spec(self.featureset)
+        done = store.done(scene_id, self.featureset)
+        if not done.all():
+            store.features(scene_id, self.featureset)  # the error that says how to finish them
+        store.check_frame_state(scene_id, done, scene.valid)
+        usable = scene.valid & done
+        not_rigid = usable & ~rigid_poses(scene.pose)
+        if not_rigid.any():  # stored as valid by a stage 1 that did not check poses
+            log.warning("%s: leaving out %d frames whose pose is not a rigid transform (e.g. "
+                        "frame %d); rerun extract-clip into a new store to record them as "
+                        "invalid", scene_id, int(not_rigid.sum()),
+                        scene.frame_id[np.flatnonzero(not_rigid)[0]])
+            usable &= ~not_rigid
+        positions = np.flatnonzero(usable)
+        frames = lambda name: store.frame_array(scene_id, name, positions)  # noqa: E731
+        global_ = frames(f"features/{self.featureset}/global")[:]  # (V, D): small
+        return self.attach(scene_id, scene, usable, frames(f"features/{self.featureset}/spatial"),
+                           global_, spec, depth=frames("frames/depth"))
 
     def attach(self, scene_id: str, scene: SceneArrays, usable: np.ndarray, spatial, global_,
-               description: dict) -> SceneSample:
+               spec: FeatureSetSpec, depth=None) -> SceneSample:
         """Project the spatial features of the `usable` frames onto the scene's points.
 
         usable: (F,) bool frames to use. spatial: (V, gh, gw, C) and global_: (V, D) of those V
-        frames, numpy or torch. The benchmarks' online-CLIP baseline passes live features here.
+        frames: numpy, torch (the benchmarks' online-CLIP baseline passes live features here)
+        or storage.store.FrameArray (read a chunk of views at a time). depth: (V, h, w) of
+        those frames, default `scene.depth[usable]`.
         """
         device = self.device
 
@@ -133,25 +171,21 @@ class CachedScenes:
             return torch.as_tensor(np.ascontiguousarray(array), dtype=dtype, device=device)
 
         xyz = as_tensor(scene.xyz, torch.float32)
-        mapping = GridMapping(
-            color_size=tuple(scene.color_size),
-            input_size=tuple(description["image_size"]),
-            grid_size=tuple(description["grid_size"]),
-            resize=description["resize"],
-        )
+        mapping = GridMapping.for_featureset(spec, scene.color_size)
         fused = fuse_features(
             xyz,
             as_tensor(scene.pose[usable], torch.float32),
             as_tensor(scene.intrinsic_depth, torch.float32),
-            scene.depth[usable],  # uint16 as stored: projection moves it a chunk at a time
+            scene.depth[usable] if depth is None else depth,  # uint16, moved a chunk at a time
             as_tensor(scene.intrinsic_color, torch.float32),
-            as_tensor(spatial, torch.float16),
+            spatial if isinstance(spatial, FrameArray) else as_tensor(spatial, torch.float16),
             mapping,
             depth_scale=scene.depth_scale,
             depth_threshold=self.projection.depth_threshold,
             relative_threshold=self.projection.relative_threshold,
             view_chunk=self.projection.view_chunk,
             return_visibility=True,
+            max_view_points=self.projection.max_view_points,
         )
         return SceneSample(
             scene_id=scene_id,
@@ -162,9 +196,34 @@ class CachedScenes:
             semantic=as_tensor(scene.semantic, torch.int64),
             instance=as_tensor(scene.instance, torch.int64),
             segment=as_tensor(scene.segment, torch.int64),
-            view_visible=fused.view_visible,
+            view_pairs=fused.view_pairs.to(torch.int32),
             view_global=as_tensor(global_, torch.float32),
         )
+
+
+def projection_memory_bound(n_points: int, n_views: int, spatial_dim: int, global_dim: int,
+                            config: ProjectionConfig = ProjectionConfig()) -> int:
+    """Bytes of memory `CachedScenes.load` needs for a scene, at most, on top of what the
+    process held before (README, "When things go wrong", states it):
+
+    - per point, 4 * spatial_dim + 140 bytes: the feature sums, the point cloud as read from
+      the store (25) and as tensors (45), view counts and seen flags (5), and the sampling of
+      the points each view sees (up to ~65);
+    - one chunk of views: WORKING_BYTES, or BYTES_PER_VIEW_POINT per point when even a single
+      view of the scene needs more (a chunk is never less than one view);
+    - per usable view: its global embedding (4 * global_dim) and at most max_view_points
+      (view, point) pairs of 8 bytes;
+    - 96 MB of buffers torch's kernels and threads allocate on first use.
+    Nothing here grows with views x points, nor with the size or number of depth maps.
+    Measured on CPU (tests/reliability/test_memory_bound.py): 2M points, 32 usable views of
+    640 stored: 638 MiB above the memory before loading, against a bound of 742 MiB (the code
+    before took 2988 MiB)."""
+    from pipeline.projection import BYTES_PER_VIEW_POINT, WORKING_BYTES
+
+    per_point = 4 * spatial_dim + 140
+    chunk = max(WORKING_BYTES, BYTES_PER_VIEW_POINT * n_points)
+    per_view = 4 * global_dim + 8 * config.max_view_points + 32
+    return n_points * per_point + chunk + n_views * per_view + 96 * 2**20
 
 
 def _nbytes(sample: SceneSample) -> int:
@@ -207,14 +266,14 @@ def collate(
     """
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in (
         "xyz", "rgb", "batch_index", "feat2d", "seen", "semantic", "instance", "segment",
-        "view_of_pair", "view_point_index", "view_global")}
+        "view_of_pair", "view_point_index", "view_global", "view_scene")}
     point_offset = view_offset = instance_offset = segment_offset = 0
     if augmentation is not None and len(generators) != len(samples):
         raise ValueError(f"collate: {len(samples)} samples but {len(generators)} generators")
     for index, sample in enumerate(samples):
         xyz = (sample.xyz if augmentation is None
                else augment(sample.xyz, augmentation, generators[index]))
-        view, point = sample.view_visible.nonzero(as_tuple=True)
+        view, point = sample.view_pairs.long()
         parts["xyz"].append(xyz)
         parts["rgb"].append(sample.rgb)
         parts["batch_index"].append(torch.full_like(sample.semantic, index))
@@ -226,6 +285,8 @@ def collate(
         parts["view_of_pair"].append(view + view_offset)
         parts["view_point_index"].append(point + point_offset)
         parts["view_global"].append(sample.view_global)
+        parts["view_scene"].append(torch.full((sample.view_global.shape[0],), index,
+                                              dtype=torch.int64, device=sample.xyz.device))
         point_offset += sample.xyz.shape[0]
         view_offset += sample.view_global.shape[0]
         instance_offset += int(sample.instance.max().clamp_min(-1)) + 1

@@ -9,8 +9,13 @@ training loop has one code path.
 
 What the loop does with it: each global batch of `--batch-scenes` scenes is split across the
 processes (`shard`), DDP averages the gradients, the loss terms are rescaled so that the average
-equals the mean over the whole global batch (`model.losses.rebalance_for_global_mean`), the
+equals the mean over the whole global batch (`model.network.losses.rebalance_for_global_mean`), the
 metrics are summed over processes, and only rank 0 validates and writes the run folder.
+
+Which views a process sees: those of its own scenes. The CLIP consistency term is per view, so
+its rebalanced mean over processes is the global batch's; `--clip-loss contrastive` takes its
+negatives among the other scenes' views *on the same process*, never across processes (one
+scene per process: no negatives).
 """
 
 from __future__ import annotations

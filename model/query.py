@@ -15,7 +15,7 @@ prompts' text embeddings (the best prompt labels the point):
 
 Text embeddings come from the store, written there by `python -m pipeline.text_embeddings` with
 the feature set's own CLIP: stage 2 never runs CLIP and this module never imports open_clip. A
-prompt without a cached embedding is an error that prints the command computing it.
+prompt without a cached embedding is encoded first by that command, run as a child process.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -37,18 +38,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cli.arguments import add_storage_options_argument
+from cli.errors import UserError
+from cli.run import run_command
+from model.checkpoint import distill_weight, load_trained_model
 from model.dataset import CachedScenes, ProjectionConfig, SceneSample, collate
 from model.evaluate import (_floats, class_colours, format_result, plot_top_views,
                             write_points_ply)
-from model.fusion import FusionModel
+from model.network.fusion import FusionModel
 from model.metrics import class_iou, confusion_matrix, mean_iou
 from model.sources import discover_stores, scene_sources
 from pipeline.devices import resolve_device
 from pipeline.prompts import (DEFAULT_TEMPLATES, SCANNET20_PROMPTS, add_templates_argument,
                               resolve_templates, templates_flag)
-from storage.errors import StoreError, UserError
-from storage.featureset import choose_featureset
-from storage.store import add_storage_options_argument, parse_storage_options
+from storage.errors import StoreError
+from storage.featureset import FeatureSetSpec
+from storage.selection import choose_featureset
+from storage.options import parse_storage_options
 from storage.text import missing_prompts, read_text_embeddings
 
 log = logging.getLogger(__name__)
@@ -118,15 +124,21 @@ def point_features(route: Route, sample: SceneSample, model: FusionModel | None,
     return model.point_clip_embed(fused), torch.ones_like(sample.seen)
 
 
-def resolve_routes(route: str, description: dict, featureset: str,
+def resolve_routes(route: str, spec: FeatureSetSpec, featureset: str,
                    has_model: bool) -> tuple[Route, ...]:
     """The routes to run: `auto` is 2d alone without a model, both with one (fused alone on a
-    feature set outside CLIP's text space). Raises UserError for a route that cannot run."""
-    text_aligned = description.get("spatial_kind") == "maskclip"
+    feature set outside CLIP's text space). Raises UserError for a route that cannot run, and
+    for any route on a feature set whose encoder has no text tower (DINOv2)."""
+    if not spec.has_text_tower:
+        raise UserError(
+            f"feature set {featureset} ({spec.model}, {spec.encoder}) is not text-aligned: its "
+            "encoder has no text tower, so text queries cannot use it; query a CLIP feature set "
+            "(extracted with --encoder open_clip) with --featureset")
+    text_aligned = spec.text_aligned
     if route == "auto":
         if has_model and not text_aligned:
             log.info("feature set %s is not text-aligned (%s): the fused route only", featureset,
-                     description.get("spatial_kind"))
+                     spec.spatial_kind)
         route = ("both" if text_aligned else "fused") if has_model else "2d"
     wanted: tuple[Route, ...] = ("2d", "fused") if route == "both" else (route,)
     if "fused" in wanted and not has_model:
@@ -134,20 +146,37 @@ def resolve_routes(route: str, description: dict, featureset: str,
                         "RUN/checkpoints/best.pt (written by python -m model.train)")
     if "2d" in wanted and not text_aligned:
         raise UserError(
-            f"feature set {featureset} holds {description.get('spatial_kind')!r} spatial features "
-            f"({description.get('spatial_dim')}-d ViT tokens), not in CLIP's image-text space: the "
+            f"feature set {featureset} holds {spec.spatial_kind!r} spatial features "
+            f"({spec.spatial_dim}-d ViT tokens), not in CLIP's image-text space: the "
             "2d route needs a feature set extracted with --spatial-kind maskclip; with a model "
             "trained on this one, pass --checkpoint and --route fused")
     return wanted
 
 
 def text_command(store_url: str, featureset: str, prompts: tuple[str, ...] | None,
-                 templates: tuple[str, ...], storage_options: str | None = None) -> str:
-    """The command that caches the embeddings of `prompts` (None: the ScanNet-20 prompts)."""
+                 templates: tuple[str, ...], storage_options: str | None = None) -> list[str]:
+    """The command that caches the embeddings of `prompts` (None: the ScanNet-20 prompts), as
+    argv starting with `python`."""
     what = ["--scannet20"] if prompts is None else ["--prompts", *prompts]
     options = ["--storage-options", storage_options] if storage_options else []
-    return shlex.join(["python", "-m", "pipeline.text_embeddings", "--store", store_url,
-                       "--featureset", featureset, *what, *templates_flag(templates), *options])
+    return ["python", "-m", "pipeline.text_embeddings", "--store", store_url,
+            "--featureset", featureset, *what, *templates_flag(templates), *options]
+
+
+def encode_missing_prompts(command: list[str], device: str = "auto") -> str:
+    """Run `text_command(...)` as a child process with this interpreter: the feature set's own
+    CLIP text tower encodes the prompts and caches them in the store, and this process never
+    imports open_clip (stage 2 never runs CLIP). Returns the child's summary line; raises
+    UserError with the child's one-line reason and the command to run by hand."""
+    result = subprocess.run([sys.executable, *command[1:], "--device", device],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        reasons = [line.removeprefix("error: ") for line in result.stderr.splitlines()
+                   if line.startswith("error: ")]
+        reason = reasons[-1] if reasons else (result.stderr.strip().splitlines() or ["?"])[-1]
+        raise UserError(f"could not encode the prompts with the feature set's text tower "
+                        f"({reason}): fix that and run `{shlex.join(command)}`")
+    return result.stdout.strip()
 
 
 class Query:
@@ -161,10 +190,9 @@ class Query:
         stores = discover_stores(config.cache, parse_storage_options(config.storage_options))
         projection = ProjectionConfig()
         if config.checkpoint:
-            from model.train import distill_weight, load_trained_model  # (import cycle)
-
-            self.model, trained, featureset, trained_on = load_trained_model(config.checkpoint,
-                                                                             device)
+            loaded = load_trained_model(config.checkpoint, device)
+            self.model, trained, featureset = loaded.model, loaded.config, loaded.featureset
+            trained_on = loaded.spec
             if config.featureset not in (None, featureset):
                 raise UserError(f"{config.checkpoint} was trained on feature set {featureset}, "
                                 f"not {config.featureset}: drop --featureset")
@@ -175,18 +203,19 @@ class Query:
                             "head knows view means only, expect the fused route near chance "
                             "(train on a maskclip feature set, or with --distill-weight)",
                             config.checkpoint)
-            self.featureset, self.description = choose_featureset(stores, featureset)
+            self.featureset, self.spec = choose_featureset(stores, featureset)
         else:
-            self.featureset, self.description = choose_featureset(stores, config.featureset, "query")
+            self.featureset, self.spec = choose_featureset(  # text needs a text tower
+                stores, config.featureset, "query", usable=lambda spec: spec.has_text_tower)
         self.scenes = CachedScenes(scene_sources(stores, self.featureset), self.featureset,
                                    device, projection)
-        if "planted" in self.description:
+        if "planted" in self.spec.notes:
             log.info("feature set %s is planted (pipeline.planted): its features are text "
                      "embeddings planted per labelled region, a yardstick", self.featureset)
-        elif self.description.get("random_weights"):
-            log.warning("feature set %s was extracted with RANDOM CLIP weights: its zero-shot "
+        elif self.spec.random_weights:
+            log.warning("feature set %s was extracted with RANDOM encoder weights: its zero-shot "
                         "labels carry no meaning", self.featureset)
-        self.routes = resolve_routes(config.route, self.description, self.featureset,
+        self.routes = resolve_routes(config.route, self.spec, self.featureset,
                                      self.model is not None)
         missing = sorted(set(config.scenes) - set(self.scenes.sources))
         if missing:
@@ -202,20 +231,23 @@ class Query:
             self.text[scene_id] = by_store[store.url]
 
     def _text_embeddings(self, store) -> Tensor:
-        """(K, D) embeddings of the prompts, from one store."""
+        """(K, D) embeddings of the prompts, from one store; prompts it lacks are encoded
+        first (encode_missing_prompts) and cached there."""
         prompts, templates = self.config.prompts, self.config.templates
         try:
-            text = torch.from_numpy(read_text_embeddings(store, self.featureset, prompts,
-                                                         templates))
+            text = read_text_embeddings(store, self.featureset, prompts, templates)
         except StoreError:
             missing = missing_prompts(store, self.featureset, prompts, templates)
             command = text_command(store.url, self.featureset,
                                    tuple(missing) if self.config.text else None, templates,
                                    self.config.storage_options)
-            raise UserError(f"{store.url} has no text embeddings of {len(missing)} prompt(s) "
-                            f"({', '.join(map(repr, missing[:5]))}) for feature set "
-                            f"{self.featureset}: run `{command}`") from None
-        widths = {"2d": self.description["spatial_dim"],
+            log.info("encoding %d prompt(s) not cached in %s (%s) with the text tower of "
+                     "feature set %s: %s", len(missing), store.url,
+                     ", ".join(map(repr, missing[:5])), self.featureset, shlex.join(command))
+            log.info("%s", encode_missing_prompts(command, self.config.device))
+            text = read_text_embeddings(store, self.featureset, prompts, templates)
+        text = torch.from_numpy(text)
+        widths = {"2d": self.spec.spatial_dim,
                   "fused": self.model.config.clip_dim if self.model is not None else None}
         for route in self.routes:
             if widths[route] != text.shape[1]:
@@ -254,9 +286,10 @@ class Query:
                                   "prompts": list(self.config.prompts),
                                   "templates": list(self.config.templates), "scenes": scenes}
         if self.config.evaluate:
-            # the unknown column lowers the true class's IoU; its own row is empty (NaN, left out)
-            result["metrics"] = {route: {"miou": mean_iou(matrix),
-                                         "class_iou": _floats(class_iou(matrix)[:num_prompts])}
+            # the unknown column (points no view sees) lowers the true class's IoU; it is no
+            # class of its own (ScanNet's rule for predictions outside the classes)
+            result["metrics"] = {route: {"miou": mean_iou(matrix[:num_prompts]),
+                                         "class_iou": _floats(class_iou(matrix[:num_prompts]))}
                                  for route, matrix in confusion.items()}
         return result
 
@@ -305,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
         "prompt whose CLIP text embedding its feature matches best, from the projected 2D "
         "features (no training) and/or a trained model's fused features. Writes a PLY per "
         "route and a PNG per scene; --eval scores against the scene's labels. Text embeddings "
-        "are read from the store: compute them with `python -m pipeline.text_embeddings`.")
+        "are read from the store; prompts not cached there are encoded first with the feature "
+        "set's own CLIP text tower (`python -m pipeline.text_embeddings`, run for them).")
     parser.add_argument("--cache", required=True, help="a store or a folder of *.zarr stores")
     parser.add_argument("--scene", "--scenes", dest="scenes", nargs="+", required=True,
                         metavar="ID", help="scene id(s) to label")
@@ -352,21 +386,19 @@ def parse_config(argv: list[str] | None = None) -> QueryConfig:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(config.out or f"runs/query-{time.strftime('%Y%m%d-%H%M%S')}")
-    try:
+
+    def query_command() -> None:
         query = Query(config)
         out.mkdir(parents=True, exist_ok=True)
         result = query.run(lambda sample, answers: write_outputs(
             out, sample, answers, config.prompts, config.evaluate))
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    (out / "query.json").write_text(json.dumps(
-        {"config": dataclasses.asdict(config), **result}, indent=1))
-    print(format_summary(result))
-    print(f"labels: {out}")
-    return 0
+        (out / "query.json").write_text(json.dumps(
+            {"config": dataclasses.asdict(config), **result}, indent=1))
+        print(format_summary(result))
+        print(f"labels: {out}")
+
+    return run_command(query_command)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.labels import CLASS_NAMES
+from storage.labels import CLASS_NAMES
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
@@ -33,7 +33,8 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
 
 
 def format_summary(history: list[dict[str, Any]], out: Path, featureset: str) -> str:
-    """Per-epoch table, the best epoch's per-class IoU, and where the outputs are."""
+    """Per-epoch table, the best epoch's per-class IoU, and the outputs in the run folder
+    `out` (those that exist)."""
     lines = [f"{'epoch':>5} {'lr':>9} {'train loss':>10} {'train mIoU':>10} {'val loss':>9} "
              f"{'val mIoU':>8} {'val AP':>6} {'AP50':>6} {'AP25':>6} {'skipped':>7} {'s':>6}"]
     for r in history:
@@ -49,6 +50,10 @@ def format_summary(history: list[dict[str, Any]], out: Path, featureset: str) ->
             if iou is not None:
                 name = CLASS_NAMES[index] if len(best["val"]["class_iou"]) == len(CLASS_NAMES) else index
                 lines.append(f"  {name:<16} {iou:.3f}")
-    lines.append(f"\nfeature set {featureset}; run folder {out}: checkpoints/last.pt, "
-                 "checkpoints/best.pt, metrics.jsonl, curves.png, tensorboard/")
+    written = [name for name in ("checkpoints/last.pt", "checkpoints/best.pt",
+                                 "checkpoints/interrupted.pt", "metrics.jsonl", "curves.png",
+                                 "tensorboard/") if (out / name).exists()]
+    if not history:
+        lines.append("no epoch trained: no checkpoint, no curves")
+    lines.append(f"\nfeature set {featureset}; run folder {out}: {', '.join(written) or 'empty'}")
     return "\n".join(lines)

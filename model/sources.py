@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from storage.errors import StoreError, UserError
-from storage.store import FeatureStore, open_store
+from storage.chunks import reaching
+from storage.store import FeatureStore, check_storage_options, open_store
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +26,14 @@ def discover_stores(cache: str, storage_options: dict[str, Any] | None = None
     else:
         import fsspec
 
-        fs, root = fsspec.core.url_to_fs(cache, **(storage_options or {}))
-        if fs.exists(f"{root.rstrip('/')}/zarr.json"):
-            return [open_store(cache, storage_options=storage_options)]
-        protocol = cache.split("://", 1)[0]
-        found = [f"{protocol}://{key.removesuffix('/zarr.json')}"
-                 for key in sorted(fs.glob(f"{root.rstrip('/')}/*.zarr/zarr.json"))]
+        check_storage_options(storage_options)  # before anything is logged or sent
+        with reaching(cache, storage_options):  # an unreachable server: one line naming it
+            fs, root = fsspec.core.url_to_fs(cache, **(storage_options or {}))
+            if fs.exists(f"{root.rstrip('/')}/zarr.json"):
+                return [open_store(cache, storage_options=storage_options)]
+            protocol = cache.split("://", 1)[0]
+            found = [f"{protocol}://{key.removesuffix('/zarr.json')}"
+                     for key in sorted(fs.glob(f"{root.rstrip('/')}/*.zarr/zarr.json"))]
     if not found:
         raise StoreError(
             f"no feature store in {cache}: run `python -m flows.extract_clip --root DATA "

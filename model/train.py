@@ -4,7 +4,11 @@ The run reads as: pick stores, feature set and scenes (model.sources); build the
 the feature set's widths; then per epoch, train steps over shuffled batches of projected scenes
 (model.dataset), an evaluation on the validation scenes, a line in metrics.jsonl, TensorBoard
 scalars, curves.png and a checkpoint. Ctrl-C saves a checkpoint at the current step; `--resume`
-continues from any checkpoint exactly (same batches, same augmentation, same numbers).
+continues from any checkpoint exactly (same batches, same augmentation, same numbers), in the
+folder the user points at, after checking that the store, feature set and scenes still match.
+
+Checkpoints hold tensors and plain data only (numbers, strings, lists, dicts) and are loaded
+with `torch.load(weights_only=True)`: a checkpoint can never run code.
 
 Never imports open_clip: CLIP features are constants from the store.
 """
@@ -33,74 +37,41 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from model.backbone import SparseUNetConfig
 from model.batch import PointBatch
+from model.checkpoint import (build_model, fitting, load_checkpoint, loss_config, restore_config,
+                              save_checkpoint)
 from model.config import TrainConfig, parse_config
 from model.dataset import AugmentConfig, CachedScenes, ProjectionConfig, collate
-from model.fusion import FusionConfig, FusionModel
 from model.distributed import Distributed
-from model.losses import (LossConfig, clip_weight_schedule, compute_losses, finite_or_skip,
-                          rebalance_for_global_mean)
-from model.evaluate import LOSS_TERMS, evaluate
-from model.instance import ClusterConfig
+from model.network.losses import (LOSS_TERMS, LossConfig, clip_weight_schedule, compute_losses,
+                          finite_or_skip, rebalance_for_global_mean)
+from model.evaluate import evaluate
+from model.network.instance import ClusterConfig
 from model.metrics import confusion_matrix, mean_iou
 from model.report import format_summary, plot_curves
 from model.sources import discover_stores, scene_sources, split_scenes
 from pipeline.devices import resolve_device
-from storage.errors import UserError
-from storage.featureset import choose_featureset
+from cli.errors import UserError
+from cli.run import run_command
+from storage.errors import StoreError
+from storage.featureset import FeatureSetSpec
+from storage.selection import choose_featureset
 from storage.store import parse_storage_options
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EPOCHS = 30
 
-def distill_weight(config: TrainConfig, description: dict[str, Any]) -> float:
-    """The per-point distillation weight: --distill-weight, or by default 1 when the feature
-    set's 2D features live in CLIP's text-aligned embedding space (maskclip), else 0."""
-    aligned = (description.get("spatial_kind") == "maskclip"
-               and int(description["spatial_dim"]) == int(description["global_dim"]))
-    if config.distill_weight is None:
-        return 1.0 if aligned else 0.0
-    if config.distill_weight < 0:
-        raise UserError(f"--distill-weight {config.distill_weight}: a weight is 0 or more")
-    if config.distill_weight > 0 and not aligned:
-        raise UserError(
-            f"--distill-weight needs 2D features in CLIP's embedding space, and this feature set "
-            f"holds {description.get('spatial_kind')} features ({description.get('spatial_dim')}-d "
-            f"vs CLIP's {description.get('global_dim')}-d): extract with --spatial-kind maskclip, "
-            "or drop --distill-weight")
-    return config.distill_weight
-
-
-def build_model(config: TrainConfig, description: dict[str, Any]) -> FusionModel:
-    """The fusion model whose 2D and CLIP widths match the feature set's."""
-    return FusionModel(FusionConfig(
-        backbone=SparseUNetConfig(voxel_size=config.voxel_size, channels=config.channels,
-                                  blocks=(1,) * len(config.channels), norm=config.norm),
-        dim_2d=int(description["spatial_dim"]),
-        clip_dim=int(description["global_dim"]),
-        width=config.width,
-        use_2d=config.use_2d,
-        instance_head=config.instance_head,
-        point_embed=distill_weight(config, description) > 0,
-    ))
-
-
-def load_trained_model(path: str, device: torch.device
-                       ) -> tuple[FusionModel, TrainConfig, str, dict[str, Any]]:
-    """A trained model for inference: (model in eval mode on `device`, the run's config, its
-    feature set id and description). Unlike `Trainer(resume=...)` it needs none of the run's
-    data (no store, no validation list)."""
-    checkpoint = _load_checkpoint(path)
-    saved = dict(checkpoint["config"])
-    saved.setdefault("distill_weight", 0.0)  # checkpoints from before the term had none
-    config = TrainConfig(**_tuples(saved))
-    description = checkpoint["featureset_description"]
-    model = build_model(config, description).to(device)
-    model.load_state_dict(checkpoint["model"])
-    return model.eval(), config, checkpoint["featureset"], description
-
+GRADIENT_GROUPS = {
+    "backbone_3d": ("backbone.", "proj_3d."),
+    "proj_2d": ("proj_2d.",),
+    "gate": ("gate_mlp.",),
+    "heads": ("heads.",),
+    "clip_head": ("clip_proj.",),
+}
+"""Module groups whose gradient norms training logs (parameter-name prefixes of FusionModel):
+the 3D backbone with its projection, the 2D projection, the fusion gate, the semantic and
+instance heads, and the CLIP head that the CLIP consistency loss reaches first."""
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     """Step -> learning-rate factor: linear warm-up, then cosine to 0.01 or poly (power 0.9)."""
@@ -139,13 +110,47 @@ def train_step(
     if not distributed.all(finite_or_skip(losses["total"])):
         return None
     scaler.scale(losses["total"]).backward()
+    scaler.unscale_(optimizer)  # true gradients, for their norms and for clipping
+    norms = gradient_norms(model)
     if grad_clip > 0:
-        scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(optimizer)
     scaler.update()
-    return ({name: float(losses[name].detach()) for name in LOSS_TERMS},
-            output.semantic_logits.detach())
+    terms = {name: float(losses[name].detach()) for name in LOSS_TERMS}
+    terms.update({f"grad_norm/{group}": value for group, value in norms.items()})
+    return terms, output.semantic_logits.detach()
+
+
+def gradient_norms(model: nn.Module) -> dict[str, float]:
+    """L2 norm of the gradient of each GRADIENT_GROUPS group (before clipping), as floats; a
+    group without parameters or gradients (the 3D-only model has no gate) is left out. One
+    device synchronisation. Under DDP the gradients are already averaged over processes."""
+    module = getattr(model, "module", model)  # DistributedDataParallel wraps the model
+    squares: dict[str, list[torch.Tensor]] = {}
+    for name, parameter in module.named_parameters():
+        group = next((g for g, prefixes in GRADIENT_GROUPS.items() if name.startswith(prefixes)),
+                     None)
+        if group is not None and parameter.grad is not None:
+            squares.setdefault(group, []).append(parameter.grad.detach().float().square().sum())
+    if not squares:
+        return {}
+    norms = torch.stack([torch.stack(parts).sum() for parts in squares.values()]).sqrt()
+    return dict(zip(squares, norms.tolist()))
+
+
+def summarise_gradient_norms(steps: list[dict[str, float]]) -> dict[str, dict[str, float | int]]:
+    """Per group, over an epoch's steps: median, 90th and 99th percentile and maximum of the
+    finite norms, and how many steps had a non-finite norm (AMP's loss scaler skips those)."""
+    summary: dict[str, dict[str, float | int]] = {}
+    for group in dict.fromkeys(key for step in steps for key in step):
+        values = np.array([step[group] for step in steps if group in step], dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        figures: dict[str, float | int] = {"nonfinite": int((~np.isfinite(values)).sum())}
+        if finite.size:
+            p50, p90, p99 = np.percentile(finite, [50, 90, 99])
+            figures.update(p50=float(p50), p90=float(p90), p99=float(p99), max=float(finite.max()))
+        summary[group] = figures
+    return summary
 
 
 @dataclass
@@ -158,24 +163,29 @@ class EpochState:
     steps_done: int = 0
     skipped: int = 0
     confusion: torch.Tensor | None = None
+    grad_norms: list[dict[str, float]] = field(default_factory=list)  # per step, by group
 
 
 class Trainer:
     """Owns the model, optimiser, data and run folder of one training run."""
 
     def __init__(self, config: TrainConfig):
-        checkpoint = _load_checkpoint(config.resume) if config.resume else None
+        checkpoint, checkpoint_path = (load_checkpoint(config.resume) if config.resume
+                                       else (None, None))
         if checkpoint is not None:
-            # the resumed run's settings win, except where to read the stores from, the device
-            # and, if given, a new number of epochs (which stretches the learning-rate schedule)
-            saved = dict(checkpoint["config"])
-            saved.setdefault("distill_weight", 0.0)  # a run from before the term keeps without it
-            saved = TrainConfig(**_tuples(saved))
+            # the resumed run's settings win, except where to read the stores from and where to
+            # write (the folder given: --out, or the one of --resume, never the folder recorded
+            # in the checkpoint, which may be another copy of the run), the device and, if
+            # given, a new number of epochs (which stretches the learning-rate schedule)
+            with fitting(checkpoint_path):
+                saved = restore_config(checkpoint["config"])
             config = dataclasses.replace(saved, cache=config.cache, resume=config.resume,
                                          storage_options=(config.storage_options
                                                           or saved.storage_options),
                                          epochs=config.epochs or saved.epochs,
-                                         device=config.device)
+                                         device=config.device,
+                                         out=config.out or str(_run_folder_of(Path(config.resume))),
+                                         allow_different_store=config.allow_different_store)
         elif config.epochs is None:
             config = dataclasses.replace(config, epochs=DEFAULT_EPOCHS)
         self.config = config
@@ -196,35 +206,54 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it
             torch.use_deterministic_algorithms(True, warn_only=True)
         stores = discover_stores(config.cache, parse_storage_options(config.storage_options))
-        self.featureset, self.description = choose_featureset(
-            stores, checkpoint["featureset"] if checkpoint else config.featureset)
-        if self.description.get("random_weights"):
-            warnings.warn(f"feature set {self.featureset} ({self.description.get('model')}) was "
-                          "extracted with RANDOM CLIP weights: its features carry no meaning; "
-                          "fine for plumbing, not for results", stacklevel=2)
+        try:
+            self.featureset, self.spec = choose_featureset(
+                stores, checkpoint["featureset"] if checkpoint else config.featureset)
+        except StoreError as error:
+            if checkpoint is None:
+                raise
+            trained_on = FeatureSetSpec.from_attrs(checkpoint["featureset_description"]).describe(
+                checkpoint["featureset"])
+            raise UserError(
+                f"cannot use {checkpoint_path}: its run trained on feature set {trained_on}, "
+                f"which --cache {config.cache} does not hold ({error}); point --cache at the "
+                "run's store") from None
         # rank 0 decides which scenes are finished (a store still being written could otherwise
         # give the processes different scene lists, and so different step counts)
         chosen = self.distributed.broadcast(
             lambda: {s: stores.index(store) for s, store in
                      scene_sources(stores, self.featureset).items()})
         sources = {scene_id: stores[index] for scene_id, index in chosen.items()}
-        self.train_ids, self.val_ids = split_scenes(list(sources), config.val_list,
-                                                    config.val_fraction, config.seed)
+        resumed = checkpoint.get("data") if checkpoint is not None else None
+        if resumed is not None:
+            check_same_data(resumed, sources, checkpoint_path, config)
+        if resumed is not None and set(resumed["train"] + resumed["val"]) <= set(sources):
+            self.train_ids, self.val_ids = list(resumed["train"]), list(resumed["val"])
+        else:
+            if checkpoint is not None:
+                log.warning("%s records no scene split (written by an older version): the split "
+                            "is recomputed and the store cannot be checked", checkpoint_path)
+            self.train_ids, self.val_ids = split_scenes(list(sources), config.val_list,
+                                                        config.val_fraction, config.seed)
+        self.data = data_identity(sources, self.train_ids, self.val_ids)
+        if self.spec.random_weights:
+            warnings.warn(f"feature set {self.featureset} ({self.spec.model}) was "
+                          "extracted with RANDOM encoder weights: its features carry no meaning; "
+                          "fine for plumbing, not for results", stacklevel=2)
         self.scenes = CachedScenes(
             sources, self.featureset, self.device,
             ProjectionConfig(config.depth_threshold, config.relative_threshold),
             cache_bytes=config.scene_cache_gb * 1e9)
-        self.model = build_model(config, self.description).to(self.device)
+        with fitting(checkpoint_path) if checkpoint is not None else contextlib.nullcontext():
+            self.model = build_model(config, self.spec).to(self.device)
         self.net = self._wrap_for_ddp()  # what train steps call: the model, or DDP around it
-        semantic_weight = config.semantic_weight
-        if semantic_weight is None:  # the seed's weights: 0.4 with fusion, 0.5 without
-            semantic_weight = 0.4 if config.use_2d else 0.5
-        self.loss_config = LossConfig(semantic_weight=semantic_weight,
-                                      offset_weight=config.offset_weight,
-                                      direction_weight=config.direction_weight,
-                                      clip_schedule=config.clip_schedule,
-                                      temperature=config.temperature,
-                                      distill_weight=distill_weight(config, self.description))
+        self.loss_config = loss_config(config, self.spec)
+        if (config.clip_loss == "contrastive" and self.distributed.is_main
+                and config.batch_scenes // self.distributed.world_size < 2):
+            log.warning("--clip-loss contrastive takes its negatives from the other scenes a "
+                        "process holds in a step, and each holds one (--batch-scenes %d over %d "
+                        "processes): the CLIP term has no negatives", config.batch_scenes,
+                        self.distributed.world_size)
         self.cluster = ClusterConfig(config.cluster_radius, config.min_instance_points)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr,
                                            weight_decay=config.weight_decay)
@@ -234,11 +263,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         self.state = EpochState()
         self.history: list[dict[str, Any]] = []
+        self._writer = None  # TensorBoard, on rank 0 while fit() runs
         if checkpoint is not None:
-            self._restore(checkpoint)
-            self.out = Path(config.out) if config.out else _run_folder_of(Path(config.resume))
-        else:
-            self.out = Path(config.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+            with fitting(checkpoint_path):
+                self._restore(checkpoint)
+        self.out = Path(config.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
 
     def _wrap_for_ddp(self) -> nn.Module:
         """DDP around the model when torchrun started several processes; else the model."""
@@ -287,9 +316,16 @@ class Trainer:
                  " with AMP" if self.amp else "",
                  f" x {self.distributed.world_size} processes" if self.distributed.enabled else "",
                  self.out)
+        if self.state.epoch >= config.epochs:
+            log.info("%s has trained its %d epochs already: pass a larger --epochs to train on",
+                     config.resume or self.out, config.epochs)
+        elif self.state.epoch or self.state.step:
+            log.info("resuming %s at epoch %d, step %d", config.resume, self.state.epoch + 1,
+                     self.state.step)
         writer = SummaryWriter(str(self.out / "tensorboard")) if main else contextlib.nullcontext()
         with writer, _StopOnCtrlC() as stop:
             self._stop = stop
+            self._writer = writer if main else None
             try:
                 while self.state.epoch < config.epochs:
                     record = self._run_epoch()
@@ -331,7 +367,9 @@ class Trainer:
         # this process's scenes of each remaining batch, with their positions in the epoch
         todo = [distributed.shard(list(enumerate(batch, step * config.batch_scenes)))
                 for step, batch in enumerate(batches) if step >= state.step]
-        with ThreadPoolExecutor(1, thread_name_prefix="scene-prefetch") as prefetch:
+        # closing(bar): an error mid-epoch clears the bar, so its one line starts a line
+        with ThreadPoolExecutor(1, thread_name_prefix="scene-prefetch") as prefetch, \
+                contextlib.closing(bar):
             load = lambda share: [self.scenes.get(scene_id) for _, scene_id in share]  # noqa: E731
             upcoming = prefetch.submit(load, todo[0]) if todo else None
             for index, share in enumerate(todo):
@@ -355,6 +393,13 @@ class Trainer:
                     losses, logits = result
                     for name in LOSS_TERMS:
                         state.sums[name] += losses[name]
+                    norms = {key.split("/", 1)[1]: value for key, value in losses.items()
+                             if key.startswith("grad_norm/")}
+                    state.grad_norms.append(norms)
+                    if self._writer is not None:  # each step's norms, as training goes
+                        global_step = epoch * self.steps_per_epoch + state.step
+                        for group, value in norms.items():
+                            self._writer.add_scalar(f"grad_norm/{group}", value, global_step)
                     state.steps_done += 1
                     state.confusion += confusion_matrix(logits.argmax(1), batch.semantic,
                                                         num_classes).cpu()
@@ -378,6 +423,7 @@ class Trainer:
             "clip_weight": clip_weight_schedule(epoch, self.loss_config.clip_schedule),
             "train": {**train, "miou": mean_iou(confusion)},
             "skipped_steps": state.skipped,
+            "grad_norm": summarise_gradient_norms(state.grad_norms),
             "seconds": seconds,
             "data_wait_fraction": data_seconds / seconds if seconds > 0 else 0.0,
         }
@@ -394,10 +440,11 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, name: str) -> Path:
-        """Model, optimiser, scheduler, scaler, epoch state, feature set id and config."""
-        path = self.out / "checkpoints" / name
+        """Model, optimiser, scheduler, scaler, epoch state, feature set id and spec,
+        config and the data it trains on (stores, scenes, split): tensors and plain data only,
+        so that `torch.load(weights_only=True)` reads it back."""
         state = dataclasses.asdict(self.state)
-        torch.save({
+        return save_checkpoint(self.out / "checkpoints" / name, {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -405,11 +452,10 @@ class Trainer:
             "state": state,
             "history": self.history,
             "featureset": self.featureset,
-            "featureset_description": self.description,
+            "featureset_description": self.spec.to_attrs(),
             "config": dataclasses.asdict(self.config),
-        }, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)  # a kill mid-save leaves the previous checkpoint
-        return path
+            "data": self.data,
+        })
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
         self.model.load_state_dict(checkpoint["model"])
@@ -423,8 +469,61 @@ class Trainer:
             self.state.sums = dict.fromkeys(LOSS_TERMS, 0.0)
             self.state.steps_done, self.state.confusion = 0, None
         self.history = checkpoint["history"]
-        log.info("resumed at epoch %d, step %d of %s", self.state.epoch + 1, self.state.step,
-                 self.config.resume)
+
+
+def data_identity(sources: dict[str, Any], train_ids: list[str],
+                  val_ids: list[str]) -> dict[str, Any]:
+    """What a run trains on, as a checkpoint records it: the split and, per scene, the store it
+    came from (an absolute path or URL) with its frame and point counts."""
+    scenes = {}
+    for scene_id in sorted(set(train_ids) | set(val_ids)):
+        store = sources[scene_id]
+        scenes[scene_id] = {
+            "store": _absolute(store.url),
+            "frames": int(store.node(f"scenes/{scene_id}/frames/frame_id").shape[0]),
+            "points": int(store.node(f"scenes/{scene_id}/points/xyz").shape[0]),
+        }
+    return {"train": list(train_ids), "val": list(val_ids), "scenes": scenes}
+
+
+def check_same_data(recorded: dict[str, Any], sources: dict[str, Any], checkpoint: Path,
+                    config: TrainConfig) -> None:
+    """Raise a one-line UserError unless the scenes a resumed run trained on are all in the
+    stores of --cache, with the same frames and points, in the same store (or
+    --allow-different-store)."""
+    scenes = recorded["train"] + recorded["val"]
+    stores = sorted({entry["store"] for entry in recorded["scenes"].values()})
+    missing = [scene_id for scene_id in scenes if scene_id not in sources]
+    if missing:
+        raise UserError(
+            f"cannot resume {checkpoint}: {len(missing)} of the run's {len(scenes)} scenes are "
+            f"not (finished) in --cache {config.cache} ({', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''}); the run read {', '.join(stores)}: point "
+            "--cache there, or start a new run without --resume")
+    now = data_identity(sources, recorded["train"], recorded["val"])["scenes"]
+    for scene_id in scenes:
+        before, after = recorded["scenes"][scene_id], now[scene_id]
+        if (before["frames"], before["points"]) != (after["frames"], after["points"]):
+            raise UserError(
+                f"cannot resume {checkpoint}: scene {scene_id} had {before['frames']} frames and "
+                f"{before['points']} points in {before['store']}, --cache gives "
+                f"{after['frames']} and {after['points']} from {after['store']}: it is other data; "
+                "point --cache at the run's store, or start a new run")
+        if before["store"] != after["store"] and not config.allow_different_store:
+            raise UserError(
+                f"cannot resume {checkpoint}: its scenes came from {before['store']}, --cache "
+                f"reads them from {after['store']}: point --cache at the run's store, or pass "
+                "--allow-different-store to continue on this one (same feature set and scenes)")
+    moved = sorted({now[s]["store"] for s in scenes} - set(stores))
+    if moved:
+        log.warning("continuing on %s instead of %s (--allow-different-store)",
+                    ", ".join(moved), ", ".join(stores))
+
+
+def _absolute(url: str) -> str:
+    if "://" in url and not url.startswith("file://"):
+        return url.rstrip("/")
+    return str(Path(url.removeprefix("file://")).resolve())
 
 
 class _Stopped(Exception):
@@ -481,34 +580,8 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _load_checkpoint(path: str) -> dict[str, Any]:
-    target = Path(path)
-    if target.is_dir():
-        candidates = [target / "checkpoints" / n for n in ("interrupted.pt", "last.pt")]
-        existing = [c for c in candidates if c.exists()]
-        if not existing:
-            raise UserError(f"no checkpoint in {target / 'checkpoints'}: pass a run folder that "
-                            "has finished an epoch, or a .pt file")
-        target = max(existing, key=lambda c: c.stat().st_mtime)
-    if not target.exists():
-        raise UserError(f"no checkpoint at {target}")
-    try:
-        return torch.load(target, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise UserError(f"cannot read checkpoint {target} ({error}): it may be truncated; "
-                        "resume from another one in the same folder") from None
-
-
 def _run_folder_of(resume: Path) -> Path:
     return resume if resume.is_dir() else resume.parent.parent
-
-
-def _tuples(config: dict[str, Any]) -> dict[str, Any]:
-    """Checkpoints store tuples as lists; TrainConfig wants them back as tuples."""
-    fixed = dict(config)
-    fixed["channels"] = tuple(fixed["channels"])
-    fixed["clip_schedule"] = tuple(tuple(step) for step in fixed["clip_schedule"])
-    return fixed
 
 
 def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
@@ -525,30 +598,33 @@ def _log_scalars(writer, record: dict[str, Any]) -> None:
                 writer.add_scalar(f"{split}/{name}", record[split][name], epoch)
     writer.add_scalar("lr", record["lr"], epoch)
     writer.add_scalar("clip_weight", record["clip_weight"], epoch)
+    for group, figures in record.get("grad_norm", {}).items():
+        for name, value in figures.items():
+            writer.add_scalar(f"grad_norm_epoch/{group}/{name}", value, epoch)
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     rank = int(os.environ.get("RANK", "0"))  # under torchrun, the other processes only warn
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(levelname)s {f'[rank {rank}] ' if rank else ''}%(name)s: "
-                        "%(message)s")
-    trainer = None
-    try:
-        trainer = Trainer(config)
-        history = trainer.fit()
-        trainer.distributed.barrier()  # the others wait for rank 0's last validation and save
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        if trainer is not None:
-            trainer.distributed.close()
-    if trainer.distributed.is_main:
-        print(format_summary(history, trainer.out, trainer.featureset))
-    return 0
+
+    def train() -> int:
+        trainer = None
+        try:
+            trainer = Trainer(config)
+            history = trainer.fit()
+            trainer.distributed.barrier()  # the others wait for rank 0's last validation and save
+        except KeyboardInterrupt:
+            return 130
+        finally:
+            if trainer is not None:
+                trainer.distributed.close()
+        if trainer.distributed.is_main:
+            print(format_summary(history, trainer.out, trainer.featureset))
+        return 0
+
+    return run_command(train, level=logging.INFO if rank == 0 else logging.WARNING,
+                       log_format=f"%(levelname)s {f'[rank {rank}] ' if rank else ''}%(name)s: "
+                       "%(message)s")
 
 
 if __name__ == "__main__":

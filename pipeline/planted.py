@@ -14,9 +14,9 @@ of its class, so an open-vocabulary query has a known answer without real CLIP w
    "background" vector), plus Gaussian noise; a frame's global embedding is the mean of its cells.
 
 With `shuffle=True` the cells of each scene are then permuted among all its frames: the same
-features, no longer where their classes are; a query of that store must fail. The description
-of a planted feature set says so under "planted" (not part of the feature-set id: keep planted
-sets in stores of their own).
+features, no longer where their classes are; a query of that store must fail. The spec of a
+planted feature set says so in its notes, under "planted" (not part of the feature-set id: keep
+planted sets in stores of their own).
 """
 
 from __future__ import annotations
@@ -27,12 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.clip_encoder import EncoderConfig, FrozenClipEncoder
+from pipeline.encoders.base import EncoderConfig
+from pipeline.encoders.clip import FrozenClipEncoder
 from pipeline.extraction import extract_scene
-from pipeline.labels import nyu40_to_scannet20
+from storage.labels import nyu40_to_scannet20
 from pipeline.projection import GridMapping
 from pipeline.prompts import DEFAULT_TEMPLATES, SCANNET20_PROMPTS
-from pipeline.synthetic import Box, SyntheticScene, cast_image
+from pipeline.synthetic import Box, cast_image
+from pipeline.readers.synthetic import SyntheticScene
 from pipeline.text_embeddings import ensure_text_embeddings
 from storage.store import FeatureStore, open_store
 from storage.text import read_text_embeddings
@@ -71,11 +73,8 @@ def plant_scene(store: FeatureStore, featureset: str, scene: SyntheticScene,
     class_embeddings: (K, D) unit-norm text embeddings, row k for class k. noise: the expected
     norm of the noise added to each cell, in units of the smallest distance between two rows.
     """
-    description = store.featuresets()[featureset]
     arrays = store.scene(scene.scene_id, with_depth=False)
-    mapping = GridMapping(color_size=tuple(arrays.color_size),
-                          input_size=tuple(description["image_size"]),
-                          grid_size=tuple(description["grid_size"]), resize=description["resize"])
+    mapping = GridMapping.for_featureset(store.featureset_spec(featureset), arrays.color_size)
     num_classes, dim = class_embeddings.shape
     distances = np.linalg.norm(class_embeddings[:, None] - class_embeddings[None], axis=-1)
     noise_std = noise * distances[~np.eye(num_classes, dtype=bool)].min() / np.sqrt(dim)
@@ -103,10 +102,10 @@ def write_tiny_store(scenes_root: Path, store_path: str | Path, *, note: dict | 
                      templates: Sequence[str] = DEFAULT_TEMPLATES) -> tuple[FeatureStore, str]:
     """Extract every synthetic scene under `scenes_root` with the tiny random-weight ViT
     (maskclip kind) and cache the ScanNet-20 class prompts' text embeddings. `note` goes into
-    the feature set's description (outside its identity). Returns the store and feature set."""
+    the feature set's spec as notes (outside its identity). Returns the store and feature set."""
     store = open_store(store_path, mode="a")
-    encoder = FrozenClipEncoder(EncoderConfig(spatial_kind="maskclip", device="cpu"))
-    featureset = store.register_featureset({**encoder.describe(), **(note or {})})
+    encoder = FrozenClipEncoder(EncoderConfig(model="test-ViT-tiny", pretrained="none", spatial_kind="maskclip", device="cpu"))
+    featureset = store.register_featureset(encoder.describe().with_notes(**(note or {})))
     for path in sorted(Path(scenes_root).iterdir()):
         if path.is_dir():
             extract_scene(SyntheticScene.open(path), store, encoder, featureset, batch_size=8)

@@ -15,10 +15,19 @@ Everything here runs under `torch.no_grad()`: poses, depth and the cached CLIP f
 constants of the dataset, and no gradient must ever reach them (the reason the features are
 cached at all). The device follows `points`; per-view inputs (depth, features) are moved there
 one chunk of views at a time, so they may stay on the CPU, or even be lazy arrays (zarr).
+
+Memory is bounded by the chunk, not by views x points: views are projected a chunk at a time
+(as many as fit in WORKING_BYTES of working memory) into per-point accumulators, so
+`fuse_features` holds (N, C) sums, (N,) counts and one chunk's intermediates whatever the
+number of views. Only `project`, which returns every view's pixels, is (V, N) by nature;
+`project_chunks` streams the same results.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -45,9 +54,60 @@ MIN_Z = 1e-4
 """Points closer to the camera plane than this (metres) count as behind it; also keeps the
 perspective division finite."""
 
-VIEW_CHUNK = 16
-"""Views projected at once: ~40 bytes per view and point of working memory, plus the chunk's
-depth maps and feature grids in float32. Feature sampling then goes view by view."""
+WORKING_BYTES = 256 * 2**20
+"""Working memory of one chunk of views: the default chunk holds as many views as fit in it
+(at least 1, at most MAX_VIEW_CHUNK)."""
+
+BYTES_PER_VIEW_POINT = 96
+"""Peak working memory per view and point of a chunk (camera coordinates, pixels, depth
+lookup and visibility masks of `_visible`, the colour pixels and grid coordinates of
+`fuse_features`): measured 81 bytes on CPU (peak resident memory of 4-view against 1-view
+chunks of 2M points), rounded up."""
+
+MAX_VIEW_CHUNK = 64
+"""Views projected at once at most: beyond it the per-chunk overhead is already negligible."""
+
+RIGID_TOLERANCE = 1e-3
+"""Largest |R^T R - I| entry (and deviation of the last row from 0 0 0 1) of a pose taken as
+rigid. ScanNet's poses are printed with 6 decimals (entries round by 5e-7); a pose 0.1%
+off a rotation displaces a point 1 m away by about 1 mm, beyond that it is not a camera pose."""
+
+
+def view_chunk_for(n_points: int, per_view_bytes: int = 0) -> int:
+    """Views per chunk so that one chunk's working memory stays under WORKING_BYTES: n_points
+    points cost BYTES_PER_VIEW_POINT each per view, plus `per_view_bytes` of inputs a view."""
+    per_view = n_points * BYTES_PER_VIEW_POINT + per_view_bytes
+    return int(min(MAX_VIEW_CHUNK, max(1, WORKING_BYTES // max(1, per_view))))
+
+
+def pose_problem(cam_to_world: Any) -> str:
+    """Why a camera-to-world pose cannot be used, or "" when it is a finite rigid transform.
+
+    cam_to_world: (4, 4). Projection inverts poses as R^T (p - t), which holds only for a
+    rotation R; an all-zero pose (a placeholder some exports write), a scaled, sheared or
+    mirrored matrix, or a last row other than 0 0 0 1 would put points at wrong pixels.
+    """
+    pose = np.asarray(cam_to_world, dtype=np.float64)
+    if pose.shape != (4, 4):
+        return f"not a 4x4 matrix ({'x'.join(map(str, pose.shape))})"
+    if not np.isfinite(pose).all():
+        return "not finite"
+    if not pose.any():
+        return "all zero"
+    if np.abs(pose[3] - (0.0, 0.0, 0.0, 1.0)).max() > RIGID_TOLERANCE:
+        return "not a rigid transform (last row is not 0 0 0 1)"
+    rotation = pose[:3, :3]
+    error = np.abs(rotation.T @ rotation - np.eye(3)).max()
+    if error > RIGID_TOLERANCE:
+        return f"not a rigid transform (rotation part off orthonormal by {error:.2g})"
+    if np.linalg.det(rotation) < 0:
+        return "not a rigid transform (a reflection)"
+    return ""
+
+
+def rigid_poses(cam_to_world: Any) -> np.ndarray:
+    """(V,) bool: which of (V, 4, 4) poses `pose_problem` accepts."""
+    return np.array([not pose_problem(pose) for pose in np.asarray(cam_to_world)], dtype=bool)
 
 
 @torch.no_grad()
@@ -61,7 +121,7 @@ def project(
     depth_threshold: float = DEPTH_THRESHOLD,
     relative_threshold: float = RELATIVE_THRESHOLD,
     border: int = 0,
-    view_chunk: int = VIEW_CHUNK,
+    view_chunk: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Project points into every view and test their visibility against the depth maps.
 
@@ -82,23 +142,75 @@ def project(
     Nearest-pixel lookup (no depth interpolation) is OpenScene's choice and avoids blending
     depth across occlusion edges, where an interpolated depth belongs to neither surface.
 
+    view_chunk: views projected at once; None: as many as fit in WORKING_BYTES.
+
     Returns:
       uv: (V, N, 2) float32, (u, v) pixel coordinates in the depth image; meaningful only where
           visible (points behind the camera get mirrored coordinates, bad poses NaN).
       visible: (V, N) bool.
+    Both are V x N: for many views of many points, stream them with `project_chunks`.
     """
     n_points = points.shape[0]
     uv_chunks = [torch.zeros(0, n_points, 2, device=points.device)]
     visible_chunks = [torch.zeros(0, n_points, dtype=torch.bool, device=points.device)]
+    for _, _, _, uv, visible in project_chunks(
+            points, cam_to_world, intrinsic, depth, depth_scale=depth_scale,
+            depth_threshold=depth_threshold, relative_threshold=relative_threshold,
+            border=border, view_chunk=view_chunk):
+        uv_chunks.append(uv)
+        visible_chunks.append(visible)
+    return torch.cat(uv_chunks), torch.cat(visible_chunks)
+
+
+@torch.no_grad()
+def project_chunks(
+    points: Tensor,
+    cam_to_world: Any,
+    intrinsic: Any,
+    depth: Any,
+    *,
+    depth_scale: float = 0.001,
+    depth_threshold: float = DEPTH_THRESHOLD,
+    relative_threshold: float = RELATIVE_THRESHOLD,
+    border: int = 0,
+    view_chunk: int | None = None,
+) -> Iterator[tuple[int, int, Tensor, Tensor, Tensor]]:
+    """`project`, a chunk of views at a time: yields (start, stop, camera, uv, visible) for
+    views start:stop, with camera (c, N, 3) float32 camera-frame points, uv (c, N, 2) and
+    visible (c, N) as in `project`. Arguments as in `project`; only `depth[start:stop]` is read
+    per chunk, so memory is one chunk's whatever the number of views."""
+    if view_chunk is None:
+        view_chunk = view_chunk_for(points.shape[0], _per_view_bytes(depth))
     for start, stop in _chunks(cam_to_world.shape[0], view_chunk):
         camera = _to_camera(points, cam_to_world[start:stop])
         uv = _pixels(camera, _view_intrinsics(intrinsic, start, stop, points.device))
         depth_raw = _depth_on(depth[start:stop], points.device)
-        uv_chunks.append(uv)
-        visible_chunks.append(
-            _visible(camera[..., 2], uv, depth_raw, depth_scale, depth_threshold,
-                     relative_threshold, border))
-    return torch.cat(uv_chunks), torch.cat(visible_chunks)
+        visible = _visible(camera[..., 2], uv, depth_raw, depth_scale, depth_threshold,
+                           relative_threshold, border)
+        yield start, stop, camera, uv, visible
+        del camera, uv, depth_raw, visible
+        if points.device.type == "cpu":
+            _release_freed_memory()
+
+
+def _release_freed_memory() -> None:
+    """Hand the memory freed by a chunk back to the system. glibc's malloc keeps freed blocks
+    below its mmap threshold (which it raises up to 32 MB after large frees) in the heap, and
+    chunks of slightly different sizes do not fit each other's holes: without this, resident
+    memory grew with the number of views (+190 MB from 8 to 48 views of 2M points, +450 MB
+    at 200). No-op where libc has no malloc_trim."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
 
 
 @dataclass(frozen=True)
@@ -132,6 +244,14 @@ class GridMapping:
         if min(*self.color_size, *self.input_size, *self.grid_size) <= 0:
             raise ValueError(f"sizes must be positive: {self}")
 
+    @classmethod
+    def for_featureset(cls, spec, color_size: tuple[int, int]) -> GridMapping:
+        """The mapping of a feature set (a storage.featureset.FeatureSetSpec: its input size,
+        grid and resize policy) for colour frames of `color_size` (Hc, Wc) pixels."""
+        return cls(color_size=(int(color_size[0]), int(color_size[1])),
+                   input_size=tuple(spec.image_size), grid_size=tuple(spec.grid_size),
+                   resize=spec.resize)
+
     def color_to_grid(self, uv: Tensor) -> tuple[Tensor, Tensor]:
         """Map colour pixel coordinates onto the feature grid.
 
@@ -163,17 +283,32 @@ class FusedFeatures:
     """Per-point 2D features averaged over the views that see each point.
 
     features: (N, C) float32, mean of the bilinearly sampled features over seeing views;
-        zeros where count == 0 (check `seen`, a zero is not a feature).
+        zeros where count == 0 (check `seen`, a zero is not a feature). A transposed view of
+        the (C, N) accumulator, not a copy (copying it would double the peak memory).
     count: (N,) int32, number of views that see the point.
     seen: (N,) bool, count > 0.
-    view_visible: (V, N) bool, which view sees which point (after the crop test), or None
-        unless asked for; the CLIP consistency loss pools per view with it.
+    view_pairs: (2, M) int64 (view, point) pairs of which view sees which point (after the
+        crop test), view-major and points ascending as `view_visible.nonzero()` gives them, or
+        None unless asked for; the CLIP consistency loss pools per view with them. With
+        `max_view_points`, a view seeing more points keeps a fixed random subset of them.
+    n_views: V, the number of views projected.
     """
 
     features: Tensor
     count: Tensor
     seen: Tensor
-    view_visible: Tensor | None = None
+    view_pairs: Tensor | None = None
+    n_views: int = 0
+
+    @property
+    def view_visible(self) -> Tensor | None:
+        """(V, N) bool, dense `view_pairs` (for small scenes and tests; V x N bytes)."""
+        if self.view_pairs is None:
+            return None
+        dense = torch.zeros(self.n_views, self.count.shape[0], dtype=torch.bool,
+                            device=self.count.device)
+        dense[self.view_pairs[0], self.view_pairs[1]] = True
+        return dense
 
 
 @torch.no_grad()
@@ -190,8 +325,9 @@ def fuse_features(
     depth_threshold: float = DEPTH_THRESHOLD,
     relative_threshold: float = RELATIVE_THRESHOLD,
     border: int = 0,
-    view_chunk: int = VIEW_CHUNK,
+    view_chunk: int | None = None,
     return_visibility: bool = False,
+    max_view_points: int | None = None,
 ) -> FusedFeatures:
     """Sample each view's spatial feature grid at the points it sees and average over views.
 
@@ -203,6 +339,10 @@ def fuse_features(
         float32); a tensor on any device, a numpy or a zarr array, sliced per chunk.
     mapping: how colour pixels map onto the grid; a point visible in depth but outside the
         colour frame or the crop is not seen by that view.
+    view_chunk: views projected at once; None: as many as fit in WORKING_BYTES.
+    return_visibility: also return the (view, point) pairs; max_view_points: keep at most
+        that many points per view among them (a fixed random subset, the same on every call),
+        so that they take V x max_view_points, not V x N.
 
     Sampling is bilinear (`grid_sample`, align_corners=False, border padding: a point in the
     outer half cell takes the edge cell's value rather than fading towards zero).
@@ -214,19 +354,20 @@ def fuse_features(
     # in as columns without a transpose (3x faster than (N, C) rows on CPU).
     feature_sum = torch.zeros(spatial.shape[-1], n_points, dtype=torch.float32, device=device)
     count = torch.zeros(n_points, dtype=torch.int32, device=device)
-    visible_chunks = [torch.zeros(0, n_points, dtype=torch.bool, device=device)]
-    for start, stop in _chunks(cam_to_world.shape[0], view_chunk):
-        camera = _to_camera(points, cam_to_world[start:stop])
-        uv_depth = _pixels(camera, _view_intrinsics(intrinsic_depth, start, stop, device))
-        depth_raw = _depth_on(depth[start:stop], device)
-        visible = _visible(camera[..., 2], uv_depth, depth_raw, depth_scale, depth_threshold,
-                           relative_threshold, border)
+    pair_chunks = [torch.zeros(2, 0, dtype=torch.int64, device=device)]
+    if view_chunk is None:
+        view_chunk = view_chunk_for(n_points, _per_view_bytes(depth) + _per_view_bytes(spatial, 6))
+    for start, stop, camera, _, visible in project_chunks(
+            points, cam_to_world, intrinsic_depth, depth, depth_scale=depth_scale,
+            depth_threshold=depth_threshold, relative_threshold=relative_threshold,
+            border=border, view_chunk=view_chunk):
         uv_color = _pixels(camera, _view_intrinsics(intrinsic_color, start, stop, device))
         grid_uv, inside = mapping.color_to_grid(uv_color)
+        del uv_color
         visible &= inside
         count += visible.sum(dim=0, dtype=torch.int32)
         if return_visibility:
-            visible_chunks.append(visible)
+            pair_chunks.append(_pairs(visible, start, max_view_points))
 
         grids = torch.as_tensor(spatial[start:stop]).to(device=device, dtype=torch.float32)
         grids = grids.permute(0, 3, 1, 2)
@@ -240,10 +381,32 @@ def fuse_features(
                                     mode="bilinear", padding_mode="border", align_corners=False)
             feature_sum.index_add_(1, seen_here, sampled[0, :, 0])
 
-    features = (feature_sum / count.clamp(min=1).float()).T.contiguous()
-    view_visible = torch.cat(visible_chunks) if return_visibility else None
+    features = feature_sum.div_(count.clamp(min=1).float()).T  # in place: no second (N, C)
+    view_pairs = torch.cat(pair_chunks, dim=1) if return_visibility else None
     return FusedFeatures(features=features, count=count, seen=count > 0,
-                         view_visible=view_visible)
+                         view_pairs=view_pairs, n_views=int(cam_to_world.shape[0]))
+
+
+def _pairs(visible: Tensor, start: int, max_view_points: int | None) -> Tensor:
+    """(2, m) int64 (view, point) pairs of a chunk's (c, N) visibility, views offset by
+    `start`; a view seeing more than `max_view_points` points keeps a random subset of them,
+    seeded by its view index (the same whatever the chunking), in ascending point order."""
+    view, point = visible.nonzero(as_tuple=True)
+    if max_view_points is not None:
+        counts = torch.bincount(view, minlength=visible.shape[0]).tolist()
+        if max(counts, default=0) > max_view_points:
+            keep, offset = [], 0
+            for index, n in enumerate(counts):
+                if n > max_view_points:
+                    generator = torch.Generator().manual_seed(start + index)
+                    chosen = torch.randperm(n, generator=generator)[:max_view_points]
+                    keep.append(offset + chosen.sort().values.to(view.device))
+                else:
+                    keep.append(torch.arange(offset, offset + n, device=view.device))
+                offset += n
+            keep = torch.cat(keep)
+            view, point = view[keep], point[keep]
+    return torch.stack((view + start, point))
 
 
 def project_loop_numpy(
@@ -286,6 +449,13 @@ def project_loop_numpy(
         mask[mask] = (d > 0) & (np.abs(z - d) <= tolerance)
         visible[view] = mask
     return uv, visible
+
+
+def _per_view_bytes(per_view: Any, bytes_per_value: int = 10) -> int:
+    """Working bytes of one view's input array (depth map or feature grid): the stored value
+    and its float32 and index copies, about `bytes_per_value` per value."""
+    shape = getattr(per_view, "shape", ())
+    return int(np.prod(shape[1:])) * bytes_per_value if len(shape) > 1 else 0
 
 
 def _chunks(n_views: int, view_chunk: int) -> list[tuple[int, int]]:

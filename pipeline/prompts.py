@@ -15,7 +15,7 @@ import argparse
 import string
 from collections.abc import Sequence
 
-from pipeline.labels import CLASS_NAMES
+from storage.labels import CLASS_NAMES
 from storage.errors import UserError
 
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {

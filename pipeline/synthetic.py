@@ -10,13 +10,12 @@ camera of the trajectory sees, as a reconstructed mesh would.
     python -m pipeline.synthetic data/synthetic --scenes 2 --frames 20 --small
 
 `<scene>/synthetic.json` records the boxes, so tests can ray-cast the truth again with
-`raycast_depth`.
+`raycast_depth`; `<scene>/<scene>.txt` holds ScanNet's meta data, its axisAlignment among them.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import sys
@@ -29,9 +28,9 @@ import numpy as np
 from PIL import Image
 from plyfile import PlyData, PlyElement
 
-from pipeline.labels import NYU40_NAMES
-from pipeline.scannet import ScanNetScene
-from pipeline.scenes import SceneError
+from storage.labels import NYU40_NAMES
+from cli.errors import UserError
+from cli.run import run_command
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +271,9 @@ and lamp (35) are outside the 20 benchmark classes, so objects also meet IGNORE_
 WALL_ITEMS = (8, 9, 11, 16)
 """NYU40 ids of thin items on the walls: door, window, picture, curtain."""
 
+OBJECT_KINDS = {NYU40_NAMES[nyu40]: nyu40 for nyu40 in (*FURNITURE, *WALL_ITEMS)}
+"""Name -> NYU40 id of every kind of object a room can hold (what `objects` may name)."""
+
 
 def _legs(width: float, depth: float, height: float, side: float) -> list[tuple[float, ...]]:
     x, y = width / 2 - side, depth / 2 - side
@@ -342,16 +344,16 @@ def _room_boxes(room: tuple[float, float, float], rng: np.random.Generator) -> l
 
 
 def _furniture_boxes(room: tuple[float, float, float], rng: np.random.Generator,
-                     first_instance: int) -> list[Box]:
-    """7-10 objects on the floor, facing the room centre, apart from each other (10 cm), the
-    walls (10 cm) and the camera's circle (CLEAR_RADIUS); an object that finds no place is
-    left out. Instances count up from `first_instance`."""
+                     first_instance: int, kinds: Sequence[int] = FURNITURE) -> list[Box]:
+    """7-10 objects of `kinds` (NYU40 ids) on the floor, facing the room centre, apart from
+    each other (10 cm), the walls (10 cm) and the camera's circle (CLEAR_RADIUS); an object
+    that finds no place is left out. Instances count up from `first_instance`."""
     lx, ly, _ = room
     centre = np.array([lx / 2, ly / 2])
     taken: list[np.ndarray] = []  # footprints (xmin, ymin, xmax, ymax) with their margin
     boxes = []
     for _ in range(rng.integers(7, 11)):
-        nyu40 = int(rng.choice(FURNITURE))
+        nyu40 = int(rng.choice(kinds))
         parts = _parts(nyu40, rng)
         half = np.array([max(abs(p[0]) + p[3] / 2 for p in parts),
                          max(abs(p[1]) + p[4] / 2 for p in parts)])
@@ -386,16 +388,16 @@ def _overlap(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def _wall_item_boxes(room: tuple[float, float, float], rng: np.random.Generator,
-                     first_instance: int) -> list[Box]:
-    """0-2 thin items against each wall (doors, windows, pictures, curtains), 10 cm apart,
-    thinner than the furniture's distance to the walls."""
+                     first_instance: int, kinds: Sequence[int] = WALL_ITEMS) -> list[Box]:
+    """0-2 thin items of `kinds` (NYU40 ids: doors, windows, pictures, curtains) against each
+    wall, 10 cm apart, thinner than the furniture's distance to the walls; none if no kinds."""
     lx, ly, _ = room
     boxes = []
     for wall in range(4):  # y = 0, y = ly, x = 0, x = lx
         length = lx if wall < 2 else ly
         taken: list[tuple[float, float]] = []
-        for _ in range(rng.integers(0, 3)):
-            nyu40 = int(rng.choice(WALL_ITEMS))
+        for _ in range(rng.integers(0, 3) if kinds else 0):
+            nyu40 = int(rng.choice(kinds))
             width, height, bottom, thickness = {
                 8: (rng.uniform(0.8, 0.95), rng.uniform(2.0, 2.1), 0.0, 0.05),
                 9: (rng.uniform(0.8, 1.5), rng.uniform(1.0, 1.3), rng.uniform(0.9, 1.1), 0.04),
@@ -527,14 +529,24 @@ class SyntheticLayout:
 
 
 def make_layout(rng: np.random.Generator, n_frames: int, color_size: tuple[int, int],
-                depth_size: tuple[int, int], n_points: int) -> SyntheticLayout:
+                depth_size: tuple[int, int], n_points: int,
+                objects: Sequence[str] | None = None) -> SyntheticLayout:
     """A random room, its trajectory and at most `n_points` surface points seen by a camera.
+    objects: names of the kinds of object the room may hold (OBJECT_KINDS; None: all).
     Instances are renumbered 0..K-1 over the objects that have points; the others get -1."""
     room = tuple(float(rng.uniform(low, high))
                  for low, high in ((4.5, 7.0), (4.0, 6.0), (2.6, 3.0)))  # lx, ly, height
+    furniture, wall_items = FURNITURE, WALL_ITEMS
+    if objects is not None:
+        furniture = tuple(OBJECT_KINDS[name] for name in objects
+                          if OBJECT_KINDS[name] in FURNITURE)
+        wall_items = tuple(OBJECT_KINDS[name] for name in objects
+                           if OBJECT_KINDS[name] in WALL_ITEMS)
     boxes = _room_boxes(room, rng)
-    boxes += _furniture_boxes(room, rng, first_instance=5)
-    boxes += _wall_item_boxes(room, rng, first_instance=max(b.instance for b in boxes) + 1)
+    if furniture:
+        boxes += _furniture_boxes(room, rng, first_instance=5, kinds=furniture)
+    boxes += _wall_item_boxes(room, rng, first_instance=max(b.instance for b in boxes) + 1,
+                              kinds=wall_items)
     poses = _trajectory(room, n_frames, rng)
     intrinsic_color = scaled_intrinsic(color_size, COLOR_FOCAL, COLOR_SIZE)
     intrinsic_depth = scaled_intrinsic(depth_size, DEPTH_FOCAL, DEPTH_SIZE)
@@ -551,15 +563,20 @@ def make_layout(rng: np.random.Generator, n_frames: int, color_size: tuple[int, 
 
 def write_scene(scene_dir: Path, seed: int | Sequence[int] = 0, n_frames: int = 20,
                 color_size: tuple[int, int] = COLOR_SIZE, depth_size: tuple[int, int] = DEPTH_SIZE,
-                n_points: int = 20000) -> Path:
+                n_points: int = 20000, objects: Sequence[str] | None = None) -> Path:
     """Write one synthetic scene into `scene_dir` (whose name is the scene id) in ScanNet's
-    export layout, plus synthetic.json; deterministic given `seed`. Returns `scene_dir`.
-    Raises SceneError when `scene_dir` exists and is not empty."""
+    export layout, plus synthetic.json; deterministic given `seed`. objects: the kinds of
+    object the room may hold (names of OBJECT_KINDS; None: all). Returns `scene_dir`.
+    Raises UserError when `scene_dir` exists and is not empty or an object kind is unknown."""
     scene_dir = Path(scene_dir)
     if scene_dir.exists() and any(scene_dir.iterdir()):
-        raise SceneError(f"{scene_dir} exists and is not empty; remove it or choose another folder")
+        raise UserError(f"{scene_dir} exists and is not empty; remove it or choose another folder")
+    unknown = sorted(set(objects or ()) - set(OBJECT_KINDS))
+    if unknown:
+        raise UserError(f"unknown object kind(s) {', '.join(unknown)}: choose from "
+                         f"{', '.join(sorted(OBJECT_KINDS))}")
     rng = np.random.default_rng(seed)
-    layout = make_layout(rng, n_frames, tuple(color_size), tuple(depth_size), n_points)
+    layout = make_layout(rng, n_frames, tuple(color_size), tuple(depth_size), n_points, objects)
     for folder in ("color", "depth", "pose", "intrinsic"):
         (scene_dir / folder).mkdir(parents=True, exist_ok=True)
     for name, intrinsic in (("color", layout.intrinsic_color), ("depth", layout.intrinsic_depth)):
@@ -577,11 +594,13 @@ def write_scene(scene_dir: Path, seed: int | Sequence[int] = 0, n_frames: int = 
         color = render_color(layout.boxes, pose, layout.intrinsic_color, color_size)
         Image.fromarray(color).save(scene_dir / "color" / f"{frame_id}.jpg", quality=92)
     _write_points(scene_dir, layout)
+    _write_meta(scene_dir, layout, n_frames, tuple(color_size), tuple(depth_size))
     description = {
         "scene_id": scene_dir.name,
         "seed": np.atleast_1d(seed).tolist(),
         "config": {"n_frames": n_frames, "color_size": list(color_size),
-                   "depth_size": list(depth_size), "n_points": n_points},
+                   "depth_size": list(depth_size), "n_points": n_points,
+                   "objects": None if objects is None else list(objects)},
         "room": list(layout.room),
         "boxes": [asdict(box) for box in layout.boxes],
     }
@@ -589,6 +608,30 @@ def write_scene(scene_dir: Path, seed: int | Sequence[int] = 0, n_frames: int = 
     log.info("wrote %s: %d frames, %d points, %d objects", scene_dir, n_frames,
              len(layout.points.xyz), max(b.instance for b in layout.boxes) + 1)
     return scene_dir
+
+
+def axis_alignment(room: tuple[float, float, float]) -> np.ndarray:
+    """(4, 4) float64 ScanNet-style axisAlignment of a synthetic room: its walls already run
+    along x and y, so it only moves the floor's centre to the origin."""
+    matrix = np.eye(4)
+    matrix[:2, 3] = -np.asarray(room[:2]) / 2
+    return matrix
+
+
+def _write_meta(scene_dir: Path, layout: SyntheticLayout, n_frames: int,
+                color_size: tuple[int, int], depth_size: tuple[int, int]) -> None:
+    """`<scene>.txt` as ScanNet writes it (`key = value` lines), with the room's axisAlignment."""
+    numbers = lambda values: " ".join(repr(float(v)) for v in np.ravel(values))  # noqa: E731
+    meta = {"axisAlignment": numbers(axis_alignment(layout.room)),
+            "colorHeight": color_size[0], "colorWidth": color_size[1],
+            "depthHeight": depth_size[0], "depthWidth": depth_size[1]}
+    for name, intrinsic in (("color", layout.intrinsic_color), ("depth", layout.intrinsic_depth)):
+        meta.update({f"fx_{name}": intrinsic[0, 0], f"fy_{name}": intrinsic[1, 1],
+                     f"mx_{name}": intrinsic[0, 2], f"my_{name}": intrinsic[1, 2]})
+    meta.update({"numColorFrames": n_frames, "numDepthFrames": n_frames,
+                 "sceneType": "Synthetic room"})
+    (scene_dir / f"{scene_dir.name}.txt").write_text(
+        "".join(f"{key} = {value}\n" for key, value in sorted(meta.items())))
 
 
 def _write_points(scene_dir: Path, layout: SyntheticLayout) -> None:
@@ -634,34 +677,12 @@ def _write_points(scene_dir: Path, layout: SyntheticLayout) -> None:
 
 def write_scenes(out_dir: Path, n_scenes: int = 2, n_frames: int = 20, seed: int = 0,
                  color_size: tuple[int, int] = COLOR_SIZE, depth_size: tuple[int, int] = DEPTH_SIZE,
-                 n_points: int = 20000) -> list[Path]:
+                 n_points: int = 20000, objects: Sequence[str] | None = None) -> list[Path]:
     """Write scenes `out_dir/scene0000_00`, `scene0001_00`, ...; scene i draws from seed
-    (seed, i). Sizes are (height, width) pixels. Returns the scene folders."""
+    (seed, i). Sizes are (height, width) pixels; objects as in `write_scene`. Returns the
+    scene folders."""
     return [write_scene(Path(out_dir) / f"scene{i:04d}_00", (seed, i), n_frames, color_size,
-                        depth_size, n_points) for i in range(n_scenes)]
-
-
-class SyntheticScene(ScanNetScene):
-    """A synthetic scene read like any ScanNet scene, plus its exact description."""
-
-    @property
-    def description_path(self) -> Path:
-        return self.root / "synthetic.json"
-
-    @functools.cached_property
-    def description(self) -> dict:
-        """synthetic.json: scene_id, seed, config, room (lx, ly, height), boxes."""
-        try:
-            return json.loads(self.description_path.read_text())
-        except (OSError, ValueError) as error:
-            raise SceneError(f"scene {self.scene_id}: cannot read {self.description_path} "
-                             f"({error}); it is written by pipeline.synthetic") from None
-
-    @property
-    def boxes(self) -> list[Box]:
-        """Every box of the scene, world frame, as `raycast_depth` takes them."""
-        return [Box(**{key: tuple(value) if isinstance(value, list) else value
-                       for key, value in box.items()}) for box in self.description["boxes"]]
+                        depth_size, n_points, objects) for i in range(n_scenes)]
 
 
 def _positive(text: str) -> int:
@@ -700,23 +721,26 @@ def main(argv: list[str] | None = None) -> int:
                              "--small)")
     parser.add_argument("--depth-size", type=_size, default=None, metavar="HxW",
                         help="depth image size (default 480x640 as ScanNet, 240x320 with --small)")
+    parser.add_argument("--objects", nargs="+", default=None, metavar="KIND",
+                        choices=sorted(OBJECT_KINDS),
+                        help="the kinds of object rooms may hold, e.g. chair table sofa bed door "
+                             "(default: all of " + ", ".join(sorted(OBJECT_KINDS)) + ")")
     parser.add_argument("--small", action="store_true",
                         help="smaller defaults for tests and demos: quarter-size colour, half-size "
                              "depth, 5000 points; explicit sizes still win")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    start = time.perf_counter()
-    try:
+
+    def write_command() -> None:
+        start = time.perf_counter()
         scenes = write_scenes(
             args.out_dir, args.scenes, args.frames, args.seed,
             args.color_size or (SMALL_COLOR_SIZE if args.small else COLOR_SIZE),
             args.depth_size or (SMALL_DEPTH_SIZE if args.small else DEPTH_SIZE),
-            args.points or (5000 if args.small else 20000))
-    except SceneError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"wrote {len(scenes)} scenes to {args.out_dir} in {time.perf_counter() - start:.1f} s")
-    return 0
+            args.points or (5000 if args.small else 20000), args.objects)
+        print(f"wrote {len(scenes)} scenes to {args.out_dir} in "
+              f"{time.perf_counter() - start:.1f} s")
+
+    return run_command(write_command)
 
 
 if __name__ == "__main__":

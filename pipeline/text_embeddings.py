@@ -23,25 +23,29 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from pipeline.clip_encoder import EncoderConfig, EncoderError, FrozenClipEncoder, file_sha256
+from pipeline.encoders.base import EncoderConfig, EncoderError, file_sha256
+from pipeline.encoders.clip import FrozenClipEncoder
 from pipeline.prompts import SCANNET20_PROMPTS, add_templates_argument, resolve_templates
-from storage.errors import StoreError, UserError
-from storage.featureset import IDENTITY_KEYS, choose_featureset
-from storage.store import (FeatureStore, add_storage_options_argument, open_store,
-                           parse_storage_options)
+from cli.arguments import add_storage_options_argument
+from cli.run import run_command
+from storage.errors import StoreError
+from storage.featureset import IDENTITY_KEYS, FeatureSetSpec
+from storage.selection import choose_featureset
+from storage.options import parse_storage_options
+from storage.store import FeatureStore, open_store
 from storage.text import missing_prompts, write_text_embeddings
 
 log = logging.getLogger(__name__)
 
 
-def encoder_config(description: dict, pretrained: str | None = None,
+def encoder_config(spec: FeatureSetSpec, pretrained: str | None = None,
                    device: str = "auto") -> EncoderConfig:
-    """The EncoderConfig that rebuilds the model of a feature set from its stored description.
+    """The EncoderConfig that rebuilds the model of a feature set from its spec.
 
     pretrained: the checkpoint file, needed when the feature set was extracted from one (the
     store keeps its name and SHA-256, not its path); it must have the recorded SHA-256.
     """
-    stored = str(description["pretrained"])
+    stored = spec.pretrained
     if stored.startswith("file:"):
         if pretrained is None:
             raise EncoderError(f"the feature set was extracted from the checkpoint file "
@@ -49,29 +53,34 @@ def encoder_config(description: dict, pretrained: str | None = None,
         path = Path(pretrained).expanduser()
         if not path.is_file():
             raise EncoderError(f"checkpoint {pretrained} does not exist")
-        if file_sha256(path) != description.get("pretrained_sha256"):
+        if file_sha256(path) != spec.pretrained_sha256:
             raise EncoderError(f"{pretrained} is not the checkpoint the feature set was extracted "
                                f"from (its SHA-256 differs from the recorded one)")
         stored = str(path)
     elif pretrained is not None:
-        raise EncoderError(f"the feature set uses open_clip weights {stored!r}, not a checkpoint "
-                           "file: drop --pretrained")
-    return EncoderConfig(model=description["model"], pretrained=stored,
-                         image_size=tuple(description["image_size"]), resize=description["resize"],
-                         spatial_kind=description["spatial_kind"], device=device,
-                         seed=description.get("seed") or 0)
+        raise EncoderError(f"the feature set uses {spec.encoder} weights {stored!r}, not a "
+                           "checkpoint file: drop --pretrained")
+    return EncoderConfig(encoder=spec.encoder, model=spec.model, pretrained=stored,
+                         image_size=spec.image_size, resize=spec.resize, decode=spec.decode,
+                         spatial_kind=spec.spatial_kind, device=device, seed=spec.seed or 0)
 
 
-def build_text_encoder(featureset: str, description: dict, pretrained: str | None = None,
+def build_text_encoder(featureset: str, spec: FeatureSetSpec, pretrained: str | None = None,
                        device: str = "auto") -> FrozenClipEncoder:
-    """The feature set's encoder, checked to be the same model: its description must give the
-    same identity as the stored one, else EncoderError naming what differs."""
-    encoder = FrozenClipEncoder(encoder_config(description, pretrained, device))
-    rebuilt = encoder.describe()
+    """The feature set's CLIP, checked to be the same model: the rebuilt spec must have the
+    stored identity, else EncoderError naming what differs. A feature set without a text tower
+    (DINOv2) is refused with one line."""
+    if not spec.has_text_tower:
+        raise EncoderError(
+            f"feature set {featureset} ({spec.model}, {spec.encoder}) is not text-aligned: its "
+            "encoder has no text tower, so no prompt can be encoded for it; use a CLIP feature "
+            "set (--encoder open_clip) for text")
+    encoder = FrozenClipEncoder(encoder_config(spec, pretrained, device))
+    rebuilt, stored = encoder.describe().to_attrs(), spec.to_attrs()
     differs = [key for key in IDENTITY_KEYS
-               if key != "pretrained" and rebuilt.get(key) != description.get(key)]
+               if key != "pretrained" and rebuilt.get(key) != stored.get(key)]
     if differs:
-        detail = "; ".join(f"{key}: stored {description.get(key)!r}, here {rebuilt.get(key)!r}"
+        detail = "; ".join(f"{key}: stored {stored.get(key)!r}, here {rebuilt.get(key)!r}"
                            for key in differs)
         raise EncoderError(f"cannot rebuild the model of feature set {featureset} ({detail}): "
                            "compute its text embeddings where it was extracted")
@@ -98,20 +107,20 @@ def ensure_text_embeddings(store: FeatureStore, featureset: str, prompts: Sequen
                            device: str = "auto") -> int:
     """Compute and cache the embeddings of the prompts the store lacks; returns how many were
     computed (0: all cached, and no model is built)."""
-    description = store.featuresets().get(featureset)
-    if description is None:
+    spec = store.featuresets().get(featureset)
+    if spec is None:
         raise StoreError(f"{store.url} has no feature set {featureset}")
     missing = missing_prompts(store, featureset, prompts, templates)
     if not missing:
         return 0
     log.info("encoding %d prompts x %d templates with %s (%s) of feature set %s", len(missing),
-             len(templates), description["model"], description["pretrained"], featureset)
-    encoder = build_text_encoder(featureset, description, pretrained, device)
-    embeddings = encode_prompts(encoder.model, open_clip.get_tokenizer(description["model"]),
+             len(templates), spec.model, spec.pretrained, featureset)
+    encoder = build_text_encoder(featureset, spec, pretrained, device)
+    embeddings = encode_prompts(encoder.model, open_clip.get_tokenizer(spec.model),
                                 missing, templates, encoder.device)
-    if embeddings.shape[1] != description["global_dim"]:
-        raise EncoderError(f"{description['model']} embeds text in {embeddings.shape[1]} dims but "
-                           f"images in {description['global_dim']}: not a CLIP model")
+    if embeddings.shape[1] != spec.global_dim:
+        raise EncoderError(f"{spec.model} embeds text in {embeddings.shape[1]} dims but "
+                           f"images in {spec.global_dim}: not a CLIP model")
     write_text_embeddings(store, featureset, missing, templates, embeddings)
     return len(missing)
 
@@ -138,25 +147,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     add_storage_options_argument(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     prompts = list(dict.fromkeys([*args.prompts, *(SCANNET20_PROMPTS if args.scannet20 else ())]))
     if not prompts:
         parser.error("give --prompts or --scannet20")
-    try:
+
+    def encode_command() -> None:
         templates = resolve_templates(args.templates)
         options = parse_storage_options(args.storage_options)
         store = open_store(args.store, storage_options=options)  # read only: a typo makes nothing
-        featureset, _ = choose_featureset([store], args.featureset, "encode prompts for")
+        featureset, _ = choose_featureset([store], args.featureset, "encode prompts for",
+                                         usable=lambda spec: spec.has_text_tower)
         if missing_prompts(store, featureset, prompts, templates):
             store = open_store(args.store, mode="a", storage_options=options)
         computed = ensure_text_embeddings(store, featureset, prompts, templates,
                                           pretrained=args.pretrained, device=args.device)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"{len(prompts)} prompts x {len(templates)} templates, feature set {featureset} in "
-          f"{store.url}: {computed} encoded, {len(prompts) - computed} cached already")
-    return 0
+        print(f"{len(prompts)} prompts x {len(templates)} templates, feature set {featureset} "
+              f"in {store.url}: {computed} encoded, {len(prompts) - computed} cached already")
+
+    return run_command(encode_command)
 
 
 if __name__ == "__main__":

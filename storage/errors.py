@@ -1,9 +1,11 @@
-"""Exceptions for expected failures: the CLIs print their message, one line, no traceback."""
+"""The store's expected failures: the commands print their message, one line, no traceback."""
 
-
-class UserError(Exception):
-    """An expected failure a user can fix; the message names the file or scene and what to do."""
+from cli.errors import UserError
 
 
 class StoreError(UserError):
     """The store is missing, of another format, lacks a feature set, or is not complete."""
+
+
+class StoreUnreachable(StoreError):
+    """The server of a store URL could not be reached: a retry may succeed."""

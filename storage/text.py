@@ -1,6 +1,6 @@
 """Cached text embeddings of a feature set: prompts encoded once by the feature set's own CLIP.
 
-Layout, beside the feature set's description::
+Layout, beside the feature set's spec::
 
     featuresets/<featureset_id>/text/<key>   (D,) float32, unit norm, NaN until written
                                              attrs: prompt, templates
@@ -27,6 +27,7 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
+from storage.conventions import DIMENSIONS, array_attributes
 from storage.errors import StoreError
 from storage.store import FeatureStore
 
@@ -71,22 +72,23 @@ def _read(store: FeatureStore, featureset: str, prompts: Sequence[str],
           templates: Sequence[str]) -> dict[str, np.ndarray | None]:
     """Prompt (without repeats) -> its cached embedding, or None when it is not (completely)
     written."""
-    store._featureset_description(featureset)  # a StoreError listing the store's feature sets
-    group = store.root["featuresets"][featureset]
-    group = group["text"] if "text" in group else None
+    store.featureset_spec(featureset)  # a StoreError listing the store's feature sets
     rows: dict[str, np.ndarray | None] = {}
     for prompt in dict.fromkeys(prompts):
-        key = text_key(prompt, templates)
-        row = group[key][:] if group is not None and key in group else None
+        try:  # through the store's node(): also entries written after its metadata snapshot
+            row = store.node(f"featuresets/{featureset}/text/{text_key(prompt, templates)}")[:]
+        except KeyError:
+            row = None
         rows[prompt] = row if row is not None and np.isfinite(row).all() else None
     return rows
 
 
 def write_text_embeddings(store: FeatureStore, featureset: str, prompts: Sequence[str],
                           templates: Sequence[str], embeddings: np.ndarray) -> None:
-    """Cache `embeddings` (K, D), row k the embedding of prompts[k] with `templates`."""
+    """Cache `embeddings` (K, D), row k the embedding of prompts[k] with `templates`, and
+    re-consolidate the store's metadata so that the snapshot lists them."""
     store._require_writable()
-    store._featureset_description(featureset)
+    store.featureset_spec(featureset)
     embeddings = np.asarray(embeddings, np.float32)
     if embeddings.shape[0] != len(prompts) or not np.isfinite(embeddings).all():
         raise ValueError(f"need {len(prompts)} finite embeddings, got shape {embeddings.shape}")
@@ -97,7 +99,10 @@ def write_text_embeddings(store: FeatureStore, featureset: str, prompts: Sequenc
             array = group.create_array(
                 key, shape=embedding.shape, chunks=embedding.shape, dtype="float32",
                 fill_value=np.nan, compressors=(ZstdCodec(level=3, checksum=True),),
-                attributes={"prompt": prompt, "templates": list(templates)})
+                dimension_names=DIMENSIONS["text"],
+                attributes={**array_attributes("text"), "prompt": prompt,
+                            "templates": list(templates)})
         except zarr.errors.ContainsArrayError:  # cached already, or another writer is at it
             array = group[key]
         array[:] = embedding
+    store.consolidate()  # plain xarray / zarr readers, which trust the snapshot, see them too

@@ -22,13 +22,23 @@ def synthetic_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One Prefect API for the whole test session: Prefect's own test harness (a real server
+    on a temporary database)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
 
 def write_store(root: Path, store_path: Path, **encoder_options) -> str:
     """Extract every scene under `root` into `store_path` with the tiny random-weight ViT,
     without Prefect (pipeline.extraction directly); returns the feature set id."""
-    from pipeline.clip_encoder import EncoderConfig, FrozenClipEncoder
+    from pipeline.encoders.base import EncoderConfig
+    from pipeline.encoders.clip import FrozenClipEncoder
     from pipeline.extraction import extract_scene
-    from pipeline.synthetic import SyntheticScene
+    from pipeline.readers.synthetic import SyntheticScene
     from storage import open_store
 
     store = open_store(store_path, mode="a")
@@ -37,6 +47,7 @@ def write_store(root: Path, store_path: Path, **encoder_options) -> str:
     featureset = store.register_featureset(encoder.describe())
     for scene_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         extract_scene(SyntheticScene.open(scene_dir), store, encoder, featureset, batch_size=4)
+    store.consolidate()  # as the flow does at the end of a run
     return featureset
 
 
@@ -47,3 +58,46 @@ def tiny_store(synthetic_root, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-store") / "store.zarr"
     write_store(synthetic_root, path)
     return path
+
+
+# ------------------------------------------------------------------ README's commands, as typed
+
+
+@pytest.fixture(scope="session")
+def cli_env(tmp_path_factory) -> dict[str, str]:
+    """A user's shell after `. .venv/bin/activate` (tests.readme.user_env), one Prefect home
+    for the session's commands (the ephemeral API's database is made once)."""
+    from tests.readme import user_env
+
+    return user_env(tmp_path_factory.mktemp("prefect-home"))
+
+
+@pytest.fixture(scope="session")
+def readme_scenes(tmp_path_factory, cli_env) -> Path:
+    """Three small synthetic scenes of 6 frames, written by README's `python -m
+    pipeline.synthetic` as printed (placeholders filled in)."""
+    from tests.readme import command, output, run, typed
+
+    out = tmp_path_factory.mktemp("readme") / "scans"
+    result = run(typed(command("python -m pipeline.synthetic --frames --scenes --seed --small"),
+                       {"OUT": str(out), "N": "3", "F": "6", "S": "0"}), cli_env)
+    assert result.returncode == 0, output(result)[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def readme_store(readme_scenes, cli_env) -> Path:
+    """`storage/scannet.zarr` (in a folder of its own) of the three scenes, by README's stage-1
+    command as printed: the tiny model with random weights for ViT-B-16/openai, through
+    Prefect's ephemeral API; what it printed is in `storage/extract.log` beside it.
+    Read-only: copy it before changing it."""
+    from tests.readme import command, output, run, typed
+
+    store = readme_scenes.parent / "storage" / "scannet.zarr"
+    result = run(typed(command("python -m flows.extract_clip --dataset --model --pretrained "
+                               "--root --store --stride"),
+                       {"--root": str(readme_scenes), "--store": str(store),
+                        "--model": "test-ViT-tiny", "--pretrained": "none"}), cli_env)
+    assert result.returncode == 0, output(result)[-3000:]
+    (store.parent / "extract.log").write_text(output(result))  # what the user saw
+    return store

@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("module", ["pipeline.synthetic", "flows.extract_clip", "flows.serve",
                                     "storage.inspect", "model.train", "model.evaluate",
-                                    "benchmarks.run", "benchmarks.online_clip", "benchmarks.zero_shot"])
+                                    "benchmarks.run", "benchmarks.online_clip", "benchmarks.zero_shot",
+                                    "benchmarks.stability", "benchmarks.backbone"])
 def test_help(module):
     result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)

@@ -6,15 +6,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks.zero_shot import main
+from tests.readme import command, output, run, typed
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_quick_run_measures_every_row(tmp_path, capsys):
+def test_quick_run_measures_every_row(tmp_path, cli_env):
     before = (REPO / "BENCHMARKS.md").read_text()
     out = tmp_path / "figures.json"
-    assert main(["--quick", "--workdir", str(tmp_path / "work"), "--json", str(out)]) == 0
+    result = run(typed(command("python -m benchmarks.zero_shot --quick"),
+                       append=["--workdir", str(tmp_path / "work"), "--json", str(out)]), cli_env)
+    assert result.returncode == 0, output(result)[-3000:]
     figures = json.loads(out.read_text())
     for row in ("planted_2d", "shuffled_2d", "random_2d"):
         assert 0 <= figures[row]["miou"] <= 1 and figures[row]["points"] > 0
@@ -23,5 +25,5 @@ def test_quick_run_measures_every_row(tmp_path, capsys):
         assert figures[row]["fused"]["unknown"] == 0
     assert figures["planted_2d"]["miou"] > figures["shuffled_2d"]["miou"] + 0.4
     assert figures["planted_2d"]["miou"] > 10 * figures["chance_all"] > 0
-    assert "| planted, cells shuffled | 2d (no training) |" in capsys.readouterr().out
+    assert "| planted, cells shuffled | 2d (no training) |" in result.stdout
     assert (REPO / "BENCHMARKS.md").read_text() == before

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+
 import numpy as np
 import pytest
 
@@ -41,16 +44,17 @@ def test_flow_writes_every_frame(reference_store, synthetic_root):
     store = open_store(store_path)
     scene_ids = sorted(p.name for p in synthetic_root.iterdir() if p.is_dir())
     assert store.scenes() == scene_ids
-    (fid, description), = store.featuresets().items()
-    assert summary["featureset"] == fid
-    assert description["model"] == "test-ViT-tiny" and description["random_weights"] is True
-    gh, gw = description["grid_size"]
+    (fid, spec), = store.featuresets().items()
+    assert summary["featureset"] == fid == spec.id
+    assert spec.model == "test-ViT-tiny" and spec.random_weights is True
+    assert spec.decode == "scaled"  # the default decode path, recorded
+    gh, gw = spec.grid_size
     for scene_id in scene_ids:
         scene = store.scene(scene_id)
         features = store.features(scene_id, fid)
         n_frames = scene.frame_id.size
-        assert features.spatial.shape == (n_frames, gh, gw, description["spatial_dim"])
-        assert features.global_.shape == (n_frames, description["global_dim"])
+        assert features.spatial.shape == (n_frames, gh, gw, spec.spatial_dim)
+        assert features.global_.shape == (n_frames, spec.global_dim)
         assert features.spatial.dtype == np.float16 and features.global_.dtype == np.float16
         assert features.done.all() and scene.valid.all()
         assert np.isfinite(scene.pose).all() and (scene.depth > 0).mean() > 0.5
@@ -71,7 +75,13 @@ def test_resume_after_some_scenes_computes_only_the_rest(reference_store, synthe
     store = tmp_path / "store.zarr"
     first, *rest = sorted(p.name for p in synthetic_root.iterdir() if p.is_dir())
     partial = run(synthetic_root, store, scenes=[first])
+    snapshot = open_store(store, consolidated=True).root.metadata.consolidated_metadata\
+        .flattened_metadata
+    assert f"scenes/{first}/points/xyz" in snapshot and f"scenes/{rest[0]}" not in snapshot
     resumed = run(synthetic_root, store)
+    snapshot = open_store(store, consolidated=True).root.metadata.consolidated_metadata\
+        .flattened_metadata
+    assert all(f"scenes/{scene_id}/frames/pose" in snapshot for scene_id in [first, *rest])
     reference_summary = reference_store[1]
     assert resumed["scenes"][first]["encoded"] == 0
     assert partial["frames_encoded"] + resumed["frames_encoded"] == reference_summary["frames_encoded"]
@@ -83,6 +93,9 @@ def test_dask_local_cluster_gives_the_same_store(reference_store, synthetic_root
     summary = run(synthetic_root, store, task_runner="dask", workers=2)
     assert summary["frames_encoded"] == reference_store[1]["frames_encoded"]
     assert_same_features(store, reference_store[0])
+    # Dask's logs were quiet for the run only: the process (a notebook, say) gets them back
+    assert "DASK_LOGGING__DISTRIBUTED" not in os.environ
+    assert logging.getLogger("distributed").level != logging.WARNING
 
 
 def _no_mesh(scene):
@@ -153,4 +166,5 @@ def test_cli_reports_user_errors_in_one_line(prefect_api, tmp_path, capsys):
                  "--model", "test-ViT-tiny", "--pretrained", "none"])
     err = capsys.readouterr().err
     assert code == 1
-    assert err.startswith("error: no scenes under") and err.count("\n") == 1
+    assert err.startswith(f"error: --root: no folder {tmp_path / 'empty'}") and err.count("\n") == 1
+    assert not (tmp_path / "s.zarr").exists()

@@ -1,11 +1,12 @@
-"""Stage 1 at scale, on one machine: a real Dask cluster (`dask scheduler` + `dask worker`
-processes on 127.0.0.1) and a real S3-compatible server (moto's server mode) for the store,
-then stage 2 reading that store back from S3."""
+"""Stage 1 at scale, on one machine, as README prints it: a real Dask cluster (`dask
+scheduler` + `dask worker` processes on 127.0.0.1) and a real S3-compatible server (moto's
+server mode) for the store, then stage 2 reading that store back from S3."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -13,17 +14,21 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from flows.extract_clip import main as extract_main
-from model.config import TrainConfig
-from model.train import Trainer
 from storage import StoreError, UserError, open_store
-from tests.flows.test_extract_clip import assert_same_features, run
+from tests.flows.test_extract_clip import assert_same_features
+from tests.flows.test_extract_clip import run as run_flow
+from tests.readme import (command, output, run, typed, wait_for_no_leftovers,
+                          with_new_marker)
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+SCHEDULER = "dask scheduler --port"
+WORKER = "dask worker --nthreads --nworkers --resources"
+EXTRACT_ON_CLUSTER = ("python -m flows.extract_clip --dask-address --dask-resources --dataset "
+                      "--model --pretrained --root --store")
 
 
 def free_port() -> int:
@@ -32,15 +37,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_port(port: int, process: subprocess.Popen, seconds: float = 60) -> None:
+def wait_for_line(log: Path, pattern: str, process: subprocess.Popen, seconds: float = 180
+                  ) -> bool:
+    """True once a line matching `pattern` (a regex) appears in the process's `log`; False if
+    the process exits first or after `seconds`."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        assert process.poll() is None, f"{process.args[0]} exited with {process.returncode}"
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
+        if re.search(pattern, log.read_text(errors="replace"), re.M):
+            return True
+        if process.poll() is not None:
+            return False
         time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {seconds} s")
+    return False
 
 
 def stop(*processes: subprocess.Popen) -> None:
@@ -56,19 +64,30 @@ def stop(*processes: subprocess.Popen) -> None:
 # ------------------------------------------------------------------ Dask cluster
 
 
-def start_cluster(logs: Path, workers: int, threads: int) -> tuple[str, list]:
-    """`dask scheduler` and `dask worker --nworkers N --nthreads T --resources GPU=1` (a
-    pretend GPU each) on 127.0.0.1; returns the address and the processes."""
-    port = free_port()
-    scheduler = subprocess.Popen(
-        [BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-        stdout=open(logs / "scheduler.log", "w"), stderr=subprocess.STDOUT)
-    wait_for_port(port, scheduler)
-    address = f"tcp://127.0.0.1:{port}"
+def start_cluster(logs: Path, workers: int, threads: int, env: dict | None = None
+                  ) -> tuple[str, list]:
+    """README's `dask scheduler` and `dask worker tcp://SCHED:8786 --nworkers N --nthreads T
+    --resources GPU=1` (a pretend GPU each), on 127.0.0.1 and a free port; returns the address
+    and the processes (workers first)."""
+    # the scheduler logs its address at INFO, whatever the environment says of Dask's logs
+    scheduler_env = {**(env or os.environ), "DASK_LOGGING__DISTRIBUTED": "info"}
+    for _ in range(3):  # another process may take the free port first: then a new one
+        address = f"tcp://127.0.0.1:{free_port()}"
+        scheduler = subprocess.Popen(
+            typed(command(SCHEDULER), {"--port": address.rsplit(":", 1)[1]},
+                  append=["--host", "127.0.0.1", "--no-dashboard"]),
+            env=scheduler_env, stdout=open(logs / "scheduler.log", "w"),
+            stderr=subprocess.STDOUT)
+        if wait_for_line(logs / "scheduler.log", rf"Scheduler at:\s+{address}$", scheduler):
+            break
+        stop(scheduler)
+    else:
+        raise RuntimeError(f"dask scheduler did not start; see {logs / 'scheduler.log'}")
     worker = subprocess.Popen(
-        [BIN / "dask", "worker", address, "--nworkers", str(workers), "--nthreads", str(threads),
-         "--no-dashboard", "--host", "127.0.0.1", "--resources", "GPU=1"],
-        cwd=REPO, stdout=open(logs / "workers.log", "w"), stderr=subprocess.STDOUT)
+        typed(command(WORKER), {"tcp://SCHED:8786": address, "--nworkers": str(workers),
+                                "--nthreads": str(threads)},
+              append=["--no-dashboard", "--host", "127.0.0.1"]),
+        cwd=REPO, env=env, stdout=open(logs / "workers.log", "w"), stderr=subprocess.STDOUT)
     from distributed import Client
 
     with Client(address, timeout=60) as client:
@@ -76,37 +95,94 @@ def start_cluster(logs: Path, workers: int, threads: int) -> tuple[str, list]:
     return address, [worker, scheduler]
 
 
+def moto_answers(endpoint: str) -> bool:
+    """True when moto's S3 server answers HTTP at `endpoint` (its /moto-api/ page)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def start_moto(log: Path, tries: int = 3) -> tuple[subprocess.Popen, str]:
+    """moto_server on a free port of 127.0.0.1, checked by an HTTP answer, not an open port: the
+    port free_port saw may be taken by another process before moto binds it (moto then exits
+    while the other listener answers the port check), so a failed start is retried on a new
+    port."""
+    for _ in range(tries):
+        port = free_port()
+        endpoint = f"http://127.0.0.1:{port}"
+        server = subprocess.Popen([BIN / "moto_server", "-H", "127.0.0.1", "-p", str(port)],
+                                  stdout=open(log, "a"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while server.poll() is None and time.monotonic() < deadline:
+            if moto_answers(endpoint):
+                return server, endpoint
+            time.sleep(0.2)
+        stop(server)
+    raise RuntimeError(f"moto_server did not answer after {tries} starts; its log: {log}")
+
+
 @pytest.fixture(scope="module")
-def dask_cluster(tmp_path_factory) -> Iterator[str]:
-    """A scheduler and 2 single-threaded worker processes, as `dask` CLIs on 127.0.0.1."""
-    address, processes = start_cluster(tmp_path_factory.mktemp("dask-logs"), 2, 1)
-    yield address
-    stop(*processes)
+def s3_server(tmp_path_factory) -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 with buckets `features`, `my-bucket` and `options-bucket`;
+    credentials and the endpoint in the environment (as a user would set them for their
+    S3-compatible server: botocore reads AWS_ENDPOINT_URL)."""
+    server, endpoint = start_moto(tmp_path_factory.mktemp("moto") / "moto.log")
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint)
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    for bucket in ("features", "my-bucket", "options-bucket"):
+        fs.mkdir(bucket)
+    yield endpoint
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    stop(server)
 
 
-def test_flow_on_an_existing_dask_cluster_gives_the_single_process_store(
-        prefect_api, dask_cluster, synthetic_root, tmp_path):
-    reference = tmp_path / "threads.zarr"
-    run(synthetic_root, reference, workers=1)
-    store = tmp_path / "dask.zarr"
-    summary = run(synthetic_root, store, dask_address=dask_cluster, dask_resources={"GPU": 1})
-    assert summary["failed"] == [] and summary["frames_encoded"] > 0
-    assert_same_features(store, reference)
-    workers = summary["workers"]
-    assert sum(w["scenes"] for w in workers.values()) == 2
-    assert all(w["model_loads"] == 1 for w in workers.values())  # one model per worker process
-    assert not any(name.endswith(f":{os.getpid()}") for name in workers)  # not run here
-    # a second run on the same cluster encodes nothing and loads no model again
-    again = run(synthetic_root, store, dask_address=dask_cluster, dask_resources={"GPU": 1})
-    assert again["frames_encoded"] == 0
-    assert all(w["model_loads"] == 1 for w in again["workers"].values())
-
-
-def test_resources_no_worker_offers_fail_at_once(prefect_api, dask_cluster, synthetic_root,
-                                                 tmp_path):
-    with pytest.raises(UserError, match="no worker of the Dask cluster .* offers TPU=1"):
-        run(synthetic_root, tmp_path / "store.zarr", dask_address=dask_cluster,
-            dask_resources={"TPU": 1})
+@pytest.mark.timeout(900)  # several processes start; a busy 2-core machine needs minutes
+def test_dask_cluster_into_s3_as_printed(prefect_api, s3_server, readme_scenes, readme_store,
+                                         cli_env, tmp_path):
+    """README's scheduler, workers and extract command, the store on S3: the flow's tasks run
+    on the workers by reference (python -m), one model load per worker, the store equals the
+    single-process one; the workers report to the flow's ephemeral API (none starts a Prefect
+    server of its own) and, stopped, leave no process behind."""
+    command("python -m flows.extract_clip --dask-address --store ...")  # the table's short form
+    env = with_new_marker(cli_env, **{name: os.environ[name] for name in (
+        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")})
+    address, processes = start_cluster(tmp_path, workers=2, threads=1, env=env)
+    try:
+        url = "s3://my-bucket/scannet.zarr"
+        result = run(typed(command(EXTRACT_ON_CLUSTER),
+                           {"--root": str(readme_scenes), "tcp://SCHED:8786": address,
+                            "--model": "test-ViT-tiny", "--pretrained": "none"}), env)
+        assert result.returncode == 0, output(result)[-3000:]
+        assert "Traceback" not in output(result)
+        assert re.search(rf"stored 18 frames \(0 invalid\) of 3 scenes .* into {url} ",
+                         result.stdout)
+        workers = re.search(r"^workers: (.*)$", result.stdout, re.M).group(1).split("; ")
+        assert len(workers) == 2 and all("1 model load(s)" in w for w in workers), workers
+        assert_same_features(url, readme_store)
+        # a rerun on the same cluster encodes nothing and loads no model again
+        again = run_flow(readme_scenes, url, dask_address=address, dask_resources={"GPU": 1})
+        assert again["frames_encoded"] == 0
+        assert all(w["model_loads"] == 1 for w in again["workers"].values())
+        with pytest.raises(UserError, match="no worker of the Dask cluster .* offers TPU=1"):
+            run_flow(readme_scenes, tmp_path / "tpu.zarr", dask_address=address,
+                     dask_resources={"TPU": 1})
+    finally:
+        stop(*processes)
+    assert "Starting temporary server" not in (tmp_path / "workers.log").read_text()
+    assert wait_for_no_leftovers(env) == []
 
 
 def test_a_gpu_resource_runs_one_scene_at_a_time_on_a_worker(prefect_api, synthetic_root,
@@ -121,8 +197,8 @@ def test_a_gpu_resource_runs_one_scene_at_a_time_on_a_worker(prefect_api, synthe
         spans = {}
         for name, resources in (("gpu", {"GPU": 1}), ("free", None)):
             with Client(address, timeout=60) as client, get_task_stream(client) as stream:
-                run(synthetic_root, tmp_path / f"{name}.zarr", dask_address=address,
-                    dask_resources=resources)
+                run_flow(synthetic_root, tmp_path / f"{name}.zarr", dask_address=address,
+                         dask_resources=resources)
             spans[name] = sorted(
                 (min(s["start"] for s in t["startstops"] if s["action"] == "compute"),
                  max(s["stop"] for s in t["startstops"] if s["action"] == "compute"))
@@ -139,53 +215,30 @@ def test_a_gpu_resource_runs_one_scene_at_a_time_on_a_worker(prefect_api, synthe
 # ------------------------------------------------------------------ object storage
 
 
-@pytest.fixture(scope="module")
-def s3_server(tmp_path_factory) -> Iterator[str]:
-    """moto's S3 server on 127.0.0.1 with a bucket `features`; credentials in the environment
-    (as a user would set them), the endpoint passed as a storage option."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    server = subprocess.Popen([BIN / "moto_server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    wait_for_port(port, server)
-    saved = {name: os.environ.get(name) for name in (
-        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_DEFAULT_REGION="us-east-1")
-    os.environ.pop("AWS_ENDPOINT_URL", None)
-    endpoint = f"http://127.0.0.1:{port}"
-    import s3fs
-
-    s3fs.S3FileSystem(endpoint_url=endpoint).mkdir("features")
-    yield endpoint
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-    stop(server)
-
-
-def test_stage_1_into_s3_then_stage_2_from_s3(prefect_api, s3_server, synthetic_root, tmp_path):
-    options = {"endpoint_url": s3_server}
-    url = "s3://features/stores/synthetic.zarr"
-    summary = run(synthetic_root, url, storage_options=options, workers=2)
-    assert summary["failed"] == [] and summary["store"] == url
-    local = tmp_path / "local.zarr"
-    run(synthetic_root, local)
-    remote = open_store(url, storage_options=options)
-    for scene_id in remote.scenes():
-        for fid in remote.featuresets():
-            a, b = remote.features(scene_id, fid), open_store(local).features(scene_id, fid)
-            np.testing.assert_array_equal(a.spatial, b.spatial)
-            np.testing.assert_array_equal(a.done, b.done)
+@pytest.mark.timeout(900)
+def test_s3_storage_options_as_printed(s3_server, readme_scenes, readme_store, cli_env, tmp_path):
+    """README's S3 block: stage 1 into a bucket of an S3-compatible server named by
+    --storage-options, then stage 2 straight from the bucket (a prefix of stores); the objects
+    a frame costs are what README says."""
+    options = json.dumps({"endpoint_url": s3_server})
+    env = with_new_marker(cli_env, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                          AWS_DEFAULT_REGION="us-east-1")  # the endpoint comes as an option
+    env.pop("AWS_ENDPOINT_URL", None)
+    url = "s3://options-bucket/scannet.zarr"
+    stage_1 = run(typed(command("python -m flows.extract_clip --storage-options --store ..."),
+                        {"...": ["--root", str(readme_scenes), "--model", "test-ViT-tiny",
+                                 "--pretrained", "none"],
+                         "--store": url, "--storage-options": options}), env)
+    assert stage_1.returncode == 0, output(stage_1)[-3000:]
+    assert_same_features(url, readme_store)
     # objects per frame: what a reader GETs and a writer PUTs (see README, Running at scale)
     import s3fs
 
     fs = s3fs.S3FileSystem(endpoint_url=s3_server)
+    remote = open_store(url)
     scene_id = remote.scenes()[0]
     frames = remote.scene(scene_id, with_depth=False).frame_id.size
-    chunks = [key for key in fs.find(f"features/stores/synthetic.zarr/scenes/{scene_id}")
+    chunks = [key for key in fs.find(f"options-bucket/scannet.zarr/scenes/{scene_id}")
               if "/c/" in key]
     per_frame = [key for key in chunks if "/frames/" in key or "/features/" in key]
     per_frame = [key for key in per_frame if not key.split("/c/")[0].endswith(
@@ -194,13 +247,14 @@ def test_stage_1_into_s3_then_stage_2_from_s3(prefect_api, s3_server, synthetic_
     # equal to the fill value "" is not written)
     assert len(per_frame) == 6 * frames
 
-    # stage 2 straight from the bucket: a folder URL of stores, the endpoint as an option
-    trainer = Trainer(TrainConfig(cache="s3://features/stores", storage_options=json.dumps(options),
-                                  out=str(tmp_path / "run"), epochs=1, device="cpu",
-                                  voxel_size=0.05, channels=(16, 32), width=32, plot=False))
-    history = trainer.fit()
-    assert len(history) == 1 and np.isfinite(history[0]["train"]["total"])
-    assert sorted(trainer.train_ids + trainer.val_ids) == remote.scenes()
+    stage_2 = run(typed(command("python -m model.train --cache --storage-options"),
+                        {"--cache": "s3://options-bucket/", "--storage-options": options},
+                        append=["--epochs", "1"]), env, cwd=tmp_path)
+    assert stage_2.returncode == 0, output(stage_2)[-3000:]
+    assert "training on 2 scenes, validating on 1" in stage_2.stderr
+    (run_folder,) = (tmp_path / "runs").iterdir()
+    history = [json.loads(line) for line in (run_folder / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 1 and history[0]["train"]["total"] > 0
 
 
 def test_credentials_as_storage_options_are_refused(s3_server, synthetic_root, tmp_path, capsys):

@@ -5,10 +5,10 @@ import dataclasses
 import pytest
 import torch
 
-from model.backbone import SparseUNetConfig
+from model.network.backbone import SparseUNetConfig
 from model.batch import IGNORE_INDEX, PointBatch
-from model.fusion import FusionConfig, FusionModel, pool_views
-from model.losses import semantic_loss
+from model.network.fusion import FusionConfig, FusionModel, pool_views
+from model.network.losses import semantic_loss
 from model.metrics import confusion_matrix, mean_iou
 
 TINY = FusionConfig(
@@ -61,6 +61,7 @@ def make_batch(points_per_scene: tuple[int, ...] = (300, 200), dim_2d: int = 12,
         view_point_index=torch.cat(parts["point"]),
         view_global=torch.randn(views_per_scene * len(points_per_scene), clip_dim,
                                 generator=generator),
+        view_scene=torch.arange(len(points_per_scene)).repeat_interleave(views_per_scene),
     )
 
 
@@ -166,6 +167,7 @@ def synthetic_room(seed: int = 0) -> PointBatch:
         view_of_pair=torch.zeros(0, dtype=torch.int64),
         view_point_index=torch.zeros(0, dtype=torch.int64),
         view_global=torch.zeros(0, 8),
+        view_scene=torch.zeros(0, dtype=torch.int64),
     )
 
 

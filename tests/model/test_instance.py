@@ -1,21 +1,18 @@
-"""The instance branch: offset targets and losses, clustering, and ScanNet-style AP."""
+"""The instance branch: offset targets and losses, clustering (AP: test_instance_eval.py)."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
 import torch
 
-from model.instance import (
+from model.network.instance import (
     ClusterConfig,
     InstancePrediction,
     centre_offsets,
     cluster_scene,
     offset_losses,
 )
-from model.instance_eval import InstanceEvaluator, average_precision
 
 
 def test_offset_targets_point_at_instance_centres():
@@ -57,44 +54,3 @@ def test_clustering_recovers_instances_from_exact_offsets():
     segment = instance.copy()  # one superpoint per object
     found = cluster_scene(xyz, noisy, probabilities, segment, (3, 5), ClusterConfig(0.03, 20))
     assert len(found) == 3
-
-
-def evaluate(truth_semantic, truth_instance, predictions, min_region_size=10):
-    evaluator = InstanceEvaluator(thing_classes=(3, 5), min_region_size=min_region_size)
-    evaluator.add(truth_semantic, truth_instance, predictions)
-    return evaluator.result()
-
-
-def test_perfect_prediction_scores_one():
-    _, _, _, semantic, instance = two_boxes()
-    predictions = [InstancePrediction(np.flatnonzero(instance == i), int(semantic[instance == i][0]),
-                                      0.9) for i in range(3)]
-    result = evaluate(semantic, instance, predictions)
-    assert result["ap"] == result["ap50"] == result["ap25"] == 1.0
-
-
-def test_known_partial_overlap():
-    semantic = np.full(400, 3)
-    instance = np.repeat([0, -1], 200)
-    # 150 of the instance's 200 points plus 50 others: IoU 150 / 250 = 0.6
-    prediction = InstancePrediction(np.r_[np.arange(50, 200), np.arange(200, 250)], 3, 0.8)
-    result = evaluate(semantic, instance, [prediction])
-    assert result["ap50"] == 1.0 and result["ap25"] == 1.0
-    assert result["ap"] == pytest.approx(3 / 10)  # matched at IoU 0.50, 0.55, 0.60 of ten
-    assert result["class_ap"][5] is None  # no ground truth of class 5: left out
-
-
-def test_false_positive_ranked_first_halves_ap_and_misses_cost_recall():
-    semantic = np.full(400, 3)
-    instance = np.repeat([0, 1], 200)
-    hit = InstancePrediction(np.arange(200), 3, 0.5)
-    wrong = InstancePrediction(np.arange(190, 210), 3, 0.9)  # overlaps both, IoU < 0.25
-    assert evaluate(semantic, instance, [hit])["ap50"] == pytest.approx(0.5)  # recall 1/2
-    assert evaluate(semantic, instance, [wrong, hit])["ap50"] == pytest.approx(0.25)
-    small = evaluate(semantic, instance, [hit], min_region_size=300)
-    assert math.isnan(small["ap50"])  # every instance under the size limit: nothing to score
-
-
-def test_average_precision_envelope():
-    assert average_precision(np.array([1.0, 0.5, 2 / 3]), np.array([0.5, 0.5, 1.0])) == pytest.approx(
-        0.5 * 1.0 + 0.5 * 2 / 3)

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from model.batch import IGNORE_INDEX
-from model.fusion import FusionModel, ModelOutput, pool_views
-from model.losses import (
+from model.network.fusion import FusionModel, ModelOutput, pool_views
+from model.network.losses import (
     LossConfig,
     clip_consistency_loss,
     clip_weight_schedule,
@@ -52,12 +52,13 @@ def test_temperature_below_floor_is_raised_to_it():
         clip_consistency_loss(embed, target, counts, temperature=0.1)
 
 
-def test_loss_matches_closed_form_for_aligned_views():
-    # Two views, each embedding equal to its own global and orthogonal to the other's:
-    # cos = 1 on the diagonal, 0 off it; T = 0.1 -> logits 10 and 0.
+def test_loss_matches_closed_form():
+    # Two views: the first's embedding points along its own global embedding (cos 1), the
+    # second's is orthogonal to its own (cos 0); T = 0.1 -> logits 10 and 0.
     embed = torch.tensor([[3.0, 0.0], [0.0, 0.5]])
-    loss = clip_consistency_loss(embed, embed * 7, torch.tensor([5, 9]), temperature=0.1)
-    expected = (2 * math.log1p(math.exp(-10.0)) + 2 * math.log(2.0)) / 4
+    target = torch.tensor([[7.0, 0.0], [2.0, 0.0]])
+    loss = clip_consistency_loss(embed, target, torch.tensor([5, 9]), temperature=0.1)
+    expected = (math.log1p(math.exp(-10.0)) + math.log(2.0)) / 2
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
@@ -85,16 +86,22 @@ def test_extreme_features_and_small_temperature_give_finite_loss_and_gradients()
     assert loss.item() <= math.log1p(math.exp(10.0)) + 1e-4
 
 
-def test_logsigmoid_form_is_exact_for_huge_logits():
-    # A huge bias makes the off-diagonal logits ~1e4: -log(sigmoid(x) + eps) would saturate at
-    # -log(eps) and give no gradient; -logsigmoid(x) is ~x, exactly, with gradient ~1.
-    embed = torch.eye(2, requires_grad=True)
-    loss = clip_consistency_loss(embed, torch.eye(2), torch.ones(2, dtype=torch.int64),
-                                 temperature=0.1, logit_bias=1e4)
-    expected = (2 * (1e4 + 0.0) + 2 * math.log1p(math.exp(-(1e4 + 10.0)))) / 4
-    assert loss.item() == pytest.approx(expected, rel=1e-6)
+def test_logsigmoid_form_is_exact_for_an_opposed_view():
+    # An embedding nearly opposite to its target, cos ~ -0.99 at T = 0.1: -logsigmoid(10 cos)
+    # is softplus(-10 cos), value and gradient; BiFusion's -log(sigmoid(10 cos) + 1e-8) is off
+    # by the 1e-8 floor there (and saturates at -log(1e-8) ~ 18.4 with T = 0.07 and a bias).
+    embed = torch.tensor([[-2.0, 0.3]], requires_grad=True)
+    target = torch.tensor([[1.0, 0.0]])
+    loss = clip_consistency_loss(embed, target, torch.ones(1, dtype=torch.int64))
+    reference_embed = embed.detach().double().requires_grad_(True)
+    cosine = F.cosine_similarity(reference_embed, target.double(), dim=1)
+    reference = F.softplus(-cosine / 0.1).mean()
+    reference.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    seed_form = -math.log(1 / (1 + math.exp(-cosine.item() / 0.1)) + 1e-8)
+    assert abs(seed_form - reference.item()) > 1e-5
     loss.backward()
-    assert torch.isfinite(embed.grad).all()
+    torch.testing.assert_close(embed.grad.double(), reference_embed.grad, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("epoch, weight", [(0, 0.0), (10, 0.0), (11, 0.001), (20, 0.001),
@@ -137,7 +144,8 @@ def test_compute_losses_weights_the_clip_term_by_epoch():
     assert set(early) == {"semantic", "offset", "direction", "clip", "distill", "clip_weight",
                           "total", "counts"}
     assert early["counts"].tolist() == [float((batch.semantic >= 0).sum()), 0.0,
-                                        float(batch.seen.sum())]
+                                        float(batch.seen.sum()),
+                                        float((output.view_point_count > 0).sum())]
     assert early["distill"].item() == 0.0  # TINY computes no point embeddings
     assert early["clip_weight"].item() == 0.0 and late["clip_weight"].item() == pytest.approx(0.01)
     assert early["offset"].item() == 0.0  # make_batch has no instances
@@ -179,11 +187,12 @@ def test_compute_losses_without_views_is_the_semantic_term():
 
 def test_rebalanced_shares_average_to_the_whole_batch_loss():
     """Two processes' shares of a batch hold 30 and 10 labelled points (and 5 and 15 instance
-    points): DDP's average of their rebalanced losses is the loss of the 40 points together."""
+    points, 3 and 1 views): DDP's average of their rebalanced losses is the loss of the 40
+    points (and 4 views) together."""
     cfg = LossConfig(clip_schedule=((0, 0.5),), distill_weight=2.0)
     sums = [{"semantic": 6.0, "offset": 1.0, "direction": 2.0}, {"semantic": 1.0, "offset": 6.0,
                                                                   "direction": 0.5}]
-    counts = [torch.tensor([30.0, 5.0, 8.0]), torch.tensor([10.0, 15.0, 2.0])]
+    counts = [torch.tensor([30.0, 5.0, 8.0, 3.0]), torch.tensor([10.0, 15.0, 2.0, 1.0])]
     shares = [{"semantic": torch.tensor(s["semantic"] / c[0]), "offset": torch.tensor(s["offset"] / c[1]),
                "direction": torch.tensor(s["direction"] / c[1]), "clip": torch.tensor(clip),
                "distill": torch.tensor(distill / c[2]), "counts": c}
@@ -191,12 +200,14 @@ def test_rebalanced_shares_average_to_the_whole_batch_loss():
     rebalanced = [rebalance_for_global_mean(share, counts[0] + counts[1], 2, epoch=1, cfg=cfg)
                   for share in shares]
     average = {name: (rebalanced[0][name] + rebalanced[1][name]) / 2
-               for name in ("semantic", "offset", "direction", "distill", "total")}
+               for name in ("semantic", "offset", "direction", "distill", "clip", "total")}
     assert average["semantic"].item() == pytest.approx(7.0 / 40)
     assert average["offset"].item() == pytest.approx(7.0 / 20)
     assert average["direction"].item() == pytest.approx(2.5 / 20)
     assert average["distill"].item() == pytest.approx(5.0 / 10)
-    expected_total = 0.4 * 7.0 / 40 + 7.0 / 20 + 2.5 / 20 + 2.0 * 5.0 / 10 + 0.5 * (0.2 + 0.4) / 2
+    assert average["clip"].item() == pytest.approx((3 * 0.2 + 1 * 0.4) / 4)
+    expected_total = (0.4 * 7.0 / 40 + 7.0 / 20 + 2.5 / 20 + 2.0 * 5.0 / 10
+                      + 0.5 * (3 * 0.2 + 1 * 0.4) / 4)
     assert average["total"].item() == pytest.approx(expected_total)
 
 
@@ -210,3 +221,147 @@ def test_distill_loss_is_one_minus_cosine_over_seen_points():
     assert embed.grad[2].abs().sum() == 0 and embed.grad[1].abs().sum() > 0
     none_seen = distill_loss(embed, feat2d, torch.zeros(3, dtype=torch.bool))
     assert none_seen.item() == 0.0 and none_seen.requires_grad
+
+
+# ---------------------------------------------------------------------------- the CLIP term's
+# direction, on views of one room: their global CLIP embeddings are near duplicates (pairwise
+# cosine 0.87-0.98 on the tiny test store), which is where a loss that takes a scene's other
+# views as negatives turns against its purpose.
+
+
+def near_duplicate_views(n_views: int = 6, dim: int = 32, seed: int = 0) -> torch.Tensor:
+    """(n_views, dim) global embeddings of the views of one room: one direction shared by all
+    plus a small per-view part, pairwise cosine >= 0.9."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(dim, generator=generator)
+    views = base + 0.2 * base.norm() / math.sqrt(dim) * torch.randn(n_views, dim, generator=generator)
+    unit = F.normalize(views, dim=1)
+    assert (unit @ unit.T).min() >= 0.9
+    return views * 3.0  # CLIP's global embeddings are not unit vectors
+
+
+def own_cosines(embed: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(embed, target, dim=1)
+
+
+def descend(loss, shape: tuple[int, int], seed: int, steps: int = 1500) -> torch.Tensor:
+    """Free embeddings from a random start after `steps` of Adam on `loss(embed)`. (The
+    positive term saturates as the cosine nears 1, sigmoid(10 cos): the steps it takes to
+    get there are why Adam's second-moment average is kept short.)"""
+    embed = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).requires_grad_(True)
+    optimizer = torch.optim.Adam([embed], lr=0.02, betas=(0.9, 0.99))
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss(embed).backward()
+        optimizer.step()
+    return embed.detach()
+
+
+def test_clip_loss_is_lowest_when_each_view_matches_its_own_embedding():
+    targets = near_duplicate_views()
+    counts = torch.full((6,), 40)
+    generator = torch.Generator().manual_seed(1)
+    aligned = clip_consistency_loss(targets * 0.5, targets, counts)
+    random = torch.stack([clip_consistency_loss(torch.randn(targets.shape, generator=generator),
+                                                targets, counts) for _ in range(20)])
+    anti = clip_consistency_loss(-targets, targets, counts)
+    assert aligned < random.min() and random.max() < anti
+    # the default is BiFusion's per-view positive term, -logsigmoid(cos / T), with T = 0.1
+    assert aligned.item() == pytest.approx(math.log1p(math.exp(-10.0)), rel=1e-4)
+    assert anti.item() == pytest.approx(math.log1p(math.exp(10.0)), rel=1e-6)
+
+
+def test_descending_the_clip_loss_aligns_each_view_with_its_own_embedding():
+    targets = near_duplicate_views()
+    counts = torch.full((6,), 40)
+    start = torch.randn(targets.shape, generator=torch.Generator().manual_seed(2))
+    assert own_cosines(start, targets).abs().max() < 0.5
+    embed = descend(lambda e: clip_consistency_loss(e, targets, counts), targets.shape, seed=2)
+    assert own_cosines(embed, targets).min() >= 0.95
+
+
+def two_rooms(views_per_room: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global embeddings of two rooms' views (near duplicates within a room) and (V,) the room
+    of each view."""
+    targets = torch.cat([near_duplicate_views(views_per_room, seed=0),
+                         near_duplicate_views(views_per_room, seed=5)])
+    return targets, torch.repeat_interleave(torch.arange(2), views_per_room)
+
+
+def test_contrastive_clip_loss_takes_negatives_only_from_other_scenes():
+    targets, scene = two_rooms()
+    counts = torch.full((8,), 30)
+    embed = torch.randn(targets.shape, generator=torch.Generator().manual_seed(3))
+    loss = clip_consistency_loss(embed, targets, counts, view_scene=scene, mode="contrastive")
+    # by hand: the positive term, plus per view the cross-entropy of its own embedding among
+    # its own and the other room's four
+    cosine = F.normalize(embed, dim=1) @ F.normalize(targets, dim=1).T / 0.1
+    expected = -F.logsigmoid(cosine.diagonal()).mean()
+    for view in range(8):
+        others = [j for j in range(8) if scene[j] != scene[view]]
+        candidates = torch.cat([cosine[view, view:view + 1], cosine[view, others]])
+        expected = expected - torch.log_softmax(candidates, dim=0)[0] / 8
+    torch.testing.assert_close(loss, expected)
+    # a view's loss does not depend on the embeddings of its own room's other views: no
+    # gradient links view 0 to the target of view 1 (same room), one does to view 4's
+    embed.requires_grad_(True)
+    changed = targets.clone()
+    changed[1] = torch.randn(targets.shape[1], generator=torch.Generator().manual_seed(4))
+    grads = []
+    for target in (targets, changed):
+        embed.grad = None
+        clip_consistency_loss(embed, target, counts, view_scene=scene,
+                              mode="contrastive").backward()
+        grads.append(embed.grad[0].clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    # with one room in the batch there is no negative: the contrastive form is the positive one
+    one_room = torch.zeros(8, dtype=torch.int64)
+    torch.testing.assert_close(
+        clip_consistency_loss(embed, targets, counts, view_scene=one_room, mode="contrastive"),
+        clip_consistency_loss(embed, targets, counts))
+
+
+def test_contrastive_clip_loss_still_prefers_each_views_own_embedding():
+    targets, scene = two_rooms()
+    counts = torch.full((8,), 30)
+
+    def loss(embed):
+        return clip_consistency_loss(embed, targets, counts, view_scene=scene, mode="contrastive")
+
+    generator = torch.Generator().manual_seed(6)
+    random = torch.stack([loss(torch.randn(targets.shape, generator=generator)) for _ in range(20)])
+    assert loss(targets) < random.min() and random.max() < loss(-targets)
+    assert own_cosines(descend(loss, targets.shape, seed=7), targets).min() >= 0.95
+
+
+def test_compute_losses_passes_each_views_scene_to_the_contrastive_term():
+    torch.manual_seed(0)
+    batch = make_batch()  # two scenes of three views
+    output = FusionModel(TINY)(batch)
+    positive = compute_losses(output, batch, epoch=30)["clip"]
+    contrastive = compute_losses(output, batch, epoch=30,
+                                 cfg=LossConfig(clip_loss="contrastive"))["clip"]
+    expected = clip_consistency_loss(output.view_embed, batch.view_global,
+                                     output.view_point_count, view_scene=batch.view_scene,
+                                     mode="contrastive")
+    torch.testing.assert_close(contrastive, expected)
+    assert contrastive > positive  # the InfoNCE part is positive with negatives present
+    one_scene = dataclasses.replace(batch, view_scene=torch.zeros_like(batch.view_scene))
+    torch.testing.assert_close(compute_losses(output, one_scene, epoch=30,
+                                              cfg=LossConfig(clip_loss="contrastive"))["clip"],
+                               positive)
+
+
+def test_gradient_norms_per_module_group():
+    from model.train import GRADIENT_GROUPS, gradient_norms
+
+    torch.manual_seed(0)
+    model = FusionModel(TINY)
+    batch = make_batch()
+    compute_losses(model(batch), batch, epoch=30)["total"].backward()
+    norms = gradient_norms(model)
+    assert set(norms) == set(GRADIENT_GROUPS)  # every parameter falls in a group
+    expected = torch.cat([p.grad.flatten() for p in model.proj_2d.parameters()]).norm()
+    assert norms["proj_2d"] == pytest.approx(float(expected), rel=1e-5)
+    assert all(name.startswith(sum(GRADIENT_GROUPS.values(), ())) for name, _ in
+               model.named_parameters())

@@ -4,7 +4,6 @@ route, the outputs and the CLI's errors."""
 from __future__ import annotations
 
 import json
-import shlex
 import shutil
 import subprocess
 import sys
@@ -13,16 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from model.config import TrainConfig
 from model.dataset import CachedScenes, collate
 from model.query import Query, QueryConfig, label_points, main
-from model.train import Trainer, build_model
+from model.checkpoint import build_model
+from model.train import Trainer
 from pipeline.planted import write_planted_store
 from pipeline.prompts import DEFAULT_TEMPLATES, SCANNET20_PROMPTS
 from pipeline.text_embeddings import ensure_text_embeddings
-from pipeline.text_embeddings import main as text_main
 from storage import UserError, open_store
+from storage.text import missing_prompts
 
 REPO = Path(__file__).resolve().parents[2]
 SCENES = ("scene0000_00", "scene0001_00")
@@ -62,7 +63,9 @@ def evaluate_2d(store: Path) -> tuple[dict, dict]:
 
 def test_planted_store_is_segmented_back_to_its_labels(planted):
     result, seen = evaluate_2d(planted)
-    assert result["metrics"]["2d"]["miou"] >= 0.75, result["metrics"]
+    # ScanNet's rule: classes predicted on a few points (at object borders) but absent from
+    # the scenes count 0 in the mean, which holds the mIoU near 0.6 although points are right
+    assert result["metrics"]["2d"]["miou"] >= 0.55, result["metrics"]
     for scene_id, (sample, answers) in seen.items():
         labels, truth = answers["2d"].labels, sample.semantic.numpy()
         scored = sample.seen.numpy() & (truth >= 0)
@@ -98,15 +101,15 @@ def test_points_take_the_prompt_of_highest_cosine():
 
 def test_point_clip_embeddings_pool_to_the_view_embeddings(planted):
     store = open_store(planted)
-    (featureset, description), = store.featuresets().items()
+    (featureset, spec), = store.featuresets().items()
     sample = CachedScenes({SCENES[0]: store}, featureset, torch.device("cpu")).get(SCENES[0])
     torch.manual_seed(0)
-    model = build_model(TrainConfig(**{**SMALL, "channels": (16, 32)}), description).eval()
+    model = build_model(TrainConfig(**{**SMALL, "channels": (16, 32)}), spec).eval()
     with torch.no_grad():
         output = model(collate([sample]))
         per_point = model.point_clip_embed(output.fused * 20)  # beyond the clamp, as pooled
         pooled_input = (output.fused * 20).clamp(-10, 10)
-    assert per_point.shape == (sample.xyz.shape[0], description["global_dim"])
+    assert per_point.shape == (sample.xyz.shape[0], spec.global_dim)
     views = sample.view_visible
     assert views.any(dim=1).all()
     for view in range(views.shape[0]):
@@ -148,8 +151,8 @@ def test_a_tokens_feature_set_has_the_fused_route_only(tiny_store, tmp_path):
     store_path = tmp_path / "store.zarr"
     shutil.copytree(tiny_store, store_path)
     store = open_store(store_path, mode="a")
-    (featureset, description), = store.featuresets().items()
-    assert description["spatial_kind"] == "tokens"
+    (featureset, spec), = store.featuresets().items()
+    assert spec.spatial_kind == "tokens"
     ensure_text_embeddings(store, featureset, SCANNET20_PROMPTS, DEFAULT_TEMPLATES, device="cpu")
     base = QueryConfig(cache=str(store_path), scenes=SCENES[:1], evaluate=True, device="cpu")
     with pytest.raises(UserError, match="not in CLIP's image-text space.*--spatial-kind maskclip"):
@@ -179,16 +182,24 @@ def test_cli_errors_are_one_line_and_name_the_fix(planted, tmp_path, capsys):
     assert "has no feature set nope" in error("--scene", SCENES[0], "--eval",
                                                   "--featureset", "nope")
     assert "--checkpoint" in error("--scene", SCENES[0], "--eval", "--route", "fused")
+    # prompts the store lacks are encoded by the feature set's text tower (a child process);
+    # where that cannot be done here, the error says why and prints the command to run
     lamp = ["--scene", SCENES[0], "--text", "lamp", "chair", "--templates", "plain",
             "--storage-options", '{"auto_mkdir": true}']  # options of a URL; a path ignores them
+    group = zarr.open_group(str(store), mode="a")[f"featuresets/{featureset}"]
+    recorded = dict(group.attrs)
+    group.attrs["pretrained"] = "file:weights.bin"  # as if extracted from a checkpoint file
     err = error(*lamp)
+    assert "the feature set was extracted from the checkpoint file weights.bin: pass its path " \
+           "with --pretrained" in err
     command = err[err.index("`") + 1:err.rindex("`")]
     assert command == (f"python -m pipeline.text_embeddings --store {store} --featureset "
                        f"{featureset} --prompts lamp chair --templates plain --storage-options "
                        """'{"auto_mkdir": true}'""")
-    assert text_main(shlex.split(command)[3:] + ["--device", "cpu"]) == 0  # the fix, as printed
-    assert main([*common, *lamp]) == 0
+    group.attrs.update(recorded)
+    assert main([*common, *lamp]) == 0  # encoded now, in one command
     assert "most labelled:" in capsys.readouterr().out
+    assert missing_prompts(open_store(store), featureset, ["lamp", "chair"], ("{}",)) == []
     with pytest.raises(SystemExit):
         main([*common, "--scene", SCENES[0], "--eval", "--text", "lamp", "chair"])  # not 20
     with pytest.raises(SystemExit):

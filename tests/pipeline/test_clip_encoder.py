@@ -7,16 +7,16 @@ import open_clip
 import pytest
 import torch
 
-from pipeline.clip_encoder import (
-    EncoderConfig,
-    EncoderError,
-    FrozenClipEncoder,
-    build_clip,
-    parse_image_size,
-)
+from pipeline.encoders.base import EncoderConfig, EncoderError, parse_image_size
+from pipeline.encoders.clip import FrozenClipEncoder, build_clip
 from pipeline.preprocess import Preprocess
 from pipeline.projection import GridMapping
-from storage.featureset import featureset_id
+
+
+def tiny(**options) -> EncoderConfig:
+    """The shipped tiny test CLIP with seeded random weights (nothing is downloaded)."""
+    return EncoderConfig(**{"model": "test-ViT-tiny", "pretrained": "none", **options})
+
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*random weights")
 
@@ -28,7 +28,7 @@ def frames(n: int, size=(96, 128), seed=0) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def encoder() -> FrozenClipEncoder:
-    return FrozenClipEncoder(EncoderConfig(model="test-ViT-tiny", pretrained="none", device="cpu"))
+    return FrozenClipEncoder(tiny(device="cpu"))
 
 
 def test_parse_image_size():
@@ -76,17 +76,17 @@ def test_no_gradients_anywhere(encoder):
 
 
 def test_non_square_input_gives_15_by_20_grid():
-    enc = FrozenClipEncoder(EncoderConfig(image_size=(240, 320), device="cpu"))
+    enc = FrozenClipEncoder(tiny(image_size=(240, 320), device="cpu"))
     spatial, global_ = enc.encode(enc.prepare(frames(2, size=(120, 160))))
     assert spatial.shape == (2, 15, 20, 96) and global_.shape == (2, 64)
-    assert enc.describe()["grid_size"] == [15, 20]
-    assert enc.describe()["image_size"] == [240, 320]
+    assert enc.describe().grid_size == (15, 20)
+    assert enc.describe().image_size == (240, 320)
 
 
 def test_maskclip_is_the_value_path_of_the_last_block():
     """Independent check: attention restricted to each token itself (a diagonal mask in
     PyTorch's own MultiheadAttention) is exactly the value path; then ln_post and proj."""
-    enc = FrozenClipEncoder(EncoderConfig(spatial_kind="maskclip", device="cpu"))
+    enc = FrozenClipEncoder(tiny(spatial_kind="maskclip", device="cpu"))
     x = enc.prepare(frames(2))
     spatial, global_ = enc.encode(x)
     assert spatial.shape == (2, 14, 14, 64)
@@ -121,32 +121,32 @@ def test_openai_tag_gets_quick_gelu():
 def test_checkpoint_file_loads_and_is_identified_by_its_hash(tmp_path, encoder):
     checkpoint = tmp_path / "tiny.pt"
     torch.save(encoder.model.state_dict(), checkpoint)
-    from_file = FrozenClipEncoder(EncoderConfig(pretrained=str(checkpoint), device="cpu"))
+    from_file = FrozenClipEncoder(tiny(pretrained=str(checkpoint), device="cpu"))
     x = encoder.prepare(frames(2))
     torch.testing.assert_close(from_file.encode(x), encoder.encode(x))
-    description = from_file.describe()
-    assert description["pretrained"] == "file:tiny.pt" and not description["random_weights"]
-    assert len(description["pretrained_sha256"]) == 64
+    spec = from_file.describe()
+    assert spec.pretrained == "file:tiny.pt" and not spec.random_weights
+    assert len(spec.pretrained_sha256) == 64
     moved = tmp_path / "elsewhere.pt"
     checkpoint.rename(moved)
-    same = FrozenClipEncoder(EncoderConfig(pretrained=str(moved), device="cpu")).describe()
-    assert same["pretrained_sha256"] == description["pretrained_sha256"]
+    same = FrozenClipEncoder(tiny(pretrained=str(moved), device="cpu")).describe()
+    assert same.pretrained_sha256 == spec.pretrained_sha256
 
 
 def test_random_weights_are_seeded_and_flagged():
     with pytest.warns(UserWarning, match="random weights"):
-        a = FrozenClipEncoder(EncoderConfig(seed=3, device="cpu"))
-    b = FrozenClipEncoder(EncoderConfig(seed=3, device="cpu"))
-    c = FrozenClipEncoder(EncoderConfig(seed=4, device="cpu"))
+        a = FrozenClipEncoder(tiny(seed=3, device="cpu"))
+    b = FrozenClipEncoder(tiny(seed=3, device="cpu"))
+    c = FrozenClipEncoder(tiny(seed=4, device="cpu"))
     x = a.prepare(frames(1))
     torch.testing.assert_close(a.encode(x), b.encode(x))
     assert not torch.allclose(a.encode(x)[1], c.encode(x)[1])
-    assert a.describe()["random_weights"]
-    assert featureset_id(a.describe()) == featureset_id(b.describe()) != featureset_id(c.describe())
+    assert a.describe().random_weights
+    assert a.describe().id == b.describe().id != c.describe().id
 
 
 def test_feature_set_id_changes_with_what_changes_the_numbers(encoder):
-    ids = {featureset_id(FrozenClipEncoder(EncoderConfig(device="cpu", **change)).describe())
+    ids = {FrozenClipEncoder(tiny(device="cpu", **change)).describe().id
            for change in ({}, {"resize": "crop"}, {"spatial_kind": "maskclip"}, {"image_size": (240, 320)})}
     assert len(ids) == 4
 
@@ -155,13 +155,13 @@ def test_bad_configurations_say_what_to_do(tmp_path):
     with pytest.raises(EncoderError, match="unknown open_clip model 'ViT-Q-99'"):
         build_clip(EncoderConfig(model="ViT-Q-99"))
     with pytest.raises(EncoderError, match="does not exist"):
-        build_clip(EncoderConfig(pretrained=str(tmp_path / "missing.pt")))
+        build_clip(tiny(pretrained=str(tmp_path / "missing.pt")))
     bad = tmp_path / "broken.bin"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(EncoderError, match="could not load test-ViT-tiny weights"):
-        build_clip(EncoderConfig(pretrained=str(bad)))
+        build_clip(tiny(pretrained=str(bad)))
     with pytest.raises(EncoderError, match="spatial-kind"):
-        EncoderConfig(spatial_kind="cls")
+        tiny(spatial_kind="cls")
 
 
 @pytest.mark.parametrize("resize", ["squash", "crop"])

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.clip_encoder import EncoderConfig, FrozenClipEncoder
+from pipeline.encoders.base import EncoderConfig
+from pipeline.encoders.clip import FrozenClipEncoder
 from pipeline.extraction import _batches_in_random_order, extract_scene
-from pipeline.synthetic import SyntheticScene
+from pipeline.readers.synthetic import SyntheticScene
 from storage import open_store
 
 
@@ -50,3 +51,20 @@ def test_random_order_keeps_the_batches():
         firsts.add(batches[0][0])
         assert sorted(map(tuple, batches)) == [(0, 1, 2, 3), (4, 5, 6, 7), (8, 9)]
     assert firsts == {0, 4, 8}  # 30 draws of 3 first batches: each seen (fails with p < 1e-5)
+
+
+def test_progress_is_reported_after_every_batch(synthetic_root, tmp_path):
+    scene = SyntheticScene.open(synthetic_root / "scene0000_00")
+    store = open_store(tmp_path / "store.zarr", mode="a")
+    encoder = FrozenClipEncoder(EncoderConfig(model="test-ViT-tiny", pretrained="none",
+                                              device="cpu"))
+    featureset = store.register_featureset(encoder.describe())
+    calls = []
+    extract_scene(scene, store, encoder, featureset, batch_size=3,
+                  on_progress=lambda done, total: calls.append((done, total)))
+    frames = len(scene.frame_ids)
+    assert calls[0] == (0, frames)  # before the first batch: a bar has its total from the start
+    done = [done for done, _ in calls]  # then 8 frames in batches of 3, 3 and 2, any order
+    assert len(calls) == 4 and done[-1] == frames
+    assert sorted(b - a for a, b in zip(done, done[1:])) == [2, 3, 3]
+    assert all(total == frames for _, total in calls)

@@ -396,13 +396,14 @@ def ray_depth(depth: torch.Tensor, column: torch.Tensor, row: torch.Tensor) -> t
 
 
 def test_visibility_against_ray_cast_truth(request):
-    synthetic = pytest.importorskip("pipeline.synthetic")
-    from pipeline.scannet import ScanNetScene
+    from pipeline.readers.scannet import ScanNetScene
+    from pipeline import synthetic
+    from pipeline.readers.synthetic import SyntheticScene
 
     root = request.getfixturevalue("synthetic_root")
     scene_dir = root if (root / "pose").is_dir() else sorted(
         path for path in root.iterdir() if (path / "pose").is_dir())[0]
-    boxes = synthetic.SyntheticScene.open(scene_dir).boxes
+    boxes = SyntheticScene.open(scene_dir).boxes
     scene = ScanNetScene(scene_dir)
     xyz = scene.read_points().xyz.astype(np.float64)
     intrinsic = np.asarray(scene.intrinsic_depth, dtype=np.float64)[:3, :3]

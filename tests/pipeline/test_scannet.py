@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 from plyfile import PlyData, PlyElement
 
-from pipeline.labels import CLASS_NAMES, THING_CLASSES, VALID_CLASS_IDS, nyu40_to_scannet20
-from pipeline.scannet import ScanNetScene, list_scenes, require_valid
-from pipeline.scenes import IGNORE_INDEX, NO_INSTANCE, SceneError
+from storage.labels import CLASS_NAMES, THING_CLASSES, VALID_CLASS_IDS, nyu40_to_scannet20
+from pipeline.readers.discovery import list_scenes
+from pipeline.readers.scannet import ScanNetScene, require_valid
+from pipeline.readers.base import IGNORE_INDEX, NO_INSTANCE, SceneError
 
 COLOR = (12, 16)
 DEPTH = (6, 8)
@@ -257,7 +258,7 @@ def test_points_labels_instances_and_segments(tmp_path):
 def test_missing_annotations_warn_and_leave_points_unlabelled(tmp_path, caplog):
     root = make_scene(tmp_path)
     write_ply(root / "scene0007_00_vh_clean_2.ply", 4)
-    with caplog.at_level(logging.WARNING, logger="pipeline.scannet"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.readers.scannet"):
         points = ScanNetScene(root).read_points()
     assert (points.semantic == IGNORE_INDEX).all() and (points.instance == NO_INSTANCE).all()
     assert (points.segment == -1).all()

@@ -9,18 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.labels import nyu40_to_scannet20
-from pipeline.scenes import IGNORE_INDEX, NO_INSTANCE, SceneError
+from storage.labels import nyu40_to_scannet20
+from cli.errors import UserError
+from pipeline.readers.base import IGNORE_INDEX, NO_INSTANCE
 from pipeline.synthetic import (
     COLOR_SIZE,
     DEPTH_SIZE,
     Box,
-    SyntheticScene,
     cast_rays,
     raycast_depth,
     scaled_intrinsic,
     write_scene,
 )
+from pipeline.readers.synthetic import SyntheticScene
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -214,11 +215,11 @@ def test_same_seed_same_files_other_seed_other_scene(tmp_path):
     again = write_scene(tmp_path / "b" / "scene0000_00", seed=5, **tiny)
     other = write_scene(tmp_path / "c" / "scene0000_00", seed=6, **tiny)
     files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
-    assert len(files) == 2 * 3 + 4 + 4 + 1
+    assert len(files) == 2 * 3 + 4 + 4 + 1 + 1  # frames, intrinsics, mesh files, .json, .txt
     for relative in files:
         assert (first / relative).read_bytes() == (again / relative).read_bytes(), relative
     assert (first / "synthetic.json").read_bytes() != (other / "synthetic.json").read_bytes()
-    with pytest.raises(SceneError, match="exists and is not empty"):
+    with pytest.raises(UserError, match="exists and is not empty"):
         write_scene(first, seed=5, **tiny)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -12,15 +13,23 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+import xarray as xr
 
 import pipeline.text_embeddings as text_module
-from pipeline.clip_encoder import EncoderConfig, EncoderError, FrozenClipEncoder, build_clip
+from pipeline.encoders.base import EncoderConfig, EncoderError
+from pipeline.encoders.clip import FrozenClipEncoder, build_clip
 from pipeline.prompts import DEFAULT_TEMPLATES, SCANNET20_PROMPTS, resolve_templates, templates_flag
 from pipeline.text_embeddings import (build_text_encoder, encode_prompts, encoder_config,
                                       ensure_text_embeddings, main)
 from storage import UserError, open_store
 from storage.text import missing_prompts, read_text_embeddings
 from tests.conftest import write_store
+
+
+def tiny(**options) -> EncoderConfig:
+    """The shipped tiny test CLIP with seeded random weights (nothing is downloaded)."""
+    return EncoderConfig(**{"model": "test-ViT-tiny", "pretrained": "none", **options})
+
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,7 +62,7 @@ def test_templates_resolve_by_name_or_as_strings():
 def test_prompt_ensemble_is_the_mean_of_normalised_sentence_embeddings():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = build_clip(EncoderConfig())
+        model = build_clip(tiny())
     tokenizer = open_clip.get_tokenizer("test-ViT-tiny")
     templates = ("a photo of a {}.", "a {} in a scene.", "{}")
     embeddings = encode_prompts(model, tokenizer, ["chair", "table"], templates,
@@ -69,15 +78,15 @@ def test_prompt_ensemble_is_the_mean_of_normalised_sentence_embeddings():
 
 def test_embeddings_come_from_the_feature_sets_own_model_and_are_cached(store_copy, monkeypatch):
     store = open_store(store_copy, mode="a")
-    (featureset, description), = store.featuresets().items()
+    (featureset, spec), = store.featuresets().items()
     assert ensure_text_embeddings(store, featureset, ["chair", "table"], DEFAULT_TEMPLATES,
                                   device="cpu") == 2
     stored = read_text_embeddings(store, featureset, ["chair", "table"], DEFAULT_TEMPLATES)
     # the very model stage 1 used (same seed: same random text tower), built independently
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = build_clip(EncoderConfig(spatial_kind="maskclip"))
-        other_seed = build_clip(EncoderConfig(spatial_kind="maskclip", seed=1))
+        model = build_clip(tiny(spatial_kind="maskclip"))
+        other_seed = build_clip(tiny(spatial_kind="maskclip", seed=1))
     tokenizer = open_clip.get_tokenizer("test-ViT-tiny")
     cpu = torch.device("cpu")
     np.testing.assert_allclose(
@@ -86,7 +95,10 @@ def test_embeddings_come_from_the_feature_sets_own_model_and_are_cached(store_co
     assert not np.allclose(
         stored, encode_prompts(other_seed, tokenizer, ["chair", "table"], DEFAULT_TEMPLATES, cpu),
         atol=1e-3)
-    assert stored.shape[1] == description["global_dim"]
+    assert stored.shape[1] == spec.global_dim
+    # plain xarray, which opens the consolidated snapshot, sees the cached prompts too
+    text = xr.open_zarr(store_copy, group=f"featuresets/{featureset}/text")
+    assert sorted(text[name].attrs["prompt"] for name in text.data_vars) == ["chair", "table"]
 
     def no_model(*args, **kwargs):
         raise AssertionError("a cached prompt was encoded again")
@@ -96,27 +108,28 @@ def test_embeddings_come_from_the_feature_sets_own_model_and_are_cached(store_co
 
 
 def test_a_model_that_differs_from_the_feature_set_is_refused(maskclip_store):
-    (featureset, description), = open_store(maskclip_store).featuresets().items()
+    (featureset, spec), = open_store(maskclip_store).featuresets().items()
+    older = dataclasses.replace(spec, library_versions=(("open_clip", "0.1"),))
     with pytest.raises(EncoderError, match="open_clip_version: stored '0.1'"):
-        build_text_encoder(featureset, {**description, "open_clip_version": "0.1"}, device="cpu")
+        build_text_encoder(featureset, older, device="cpu")
     with pytest.raises(EncoderError, match="drop --pretrained"):
-        encoder_config(description, pretrained="weights.bin")
+        encoder_config(spec, pretrained="weights.bin")
 
 
 def test_a_checkpoint_file_feature_set_needs_that_very_file(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = build_clip(EncoderConfig())
+        model = build_clip(tiny())
     weights, other = tmp_path / "tiny.pt", tmp_path / "other.pt"
     torch.save(model.state_dict(), weights)
     torch.save({**model.state_dict(), "logit_scale": torch.tensor(1.0)}, other)
-    description = FrozenClipEncoder(EncoderConfig(pretrained=str(weights), device="cpu")).describe()
-    assert description["pretrained"] == "file:tiny.pt"
+    spec = FrozenClipEncoder(tiny(pretrained=str(weights), device="cpu")).describe()
+    assert spec.pretrained == "file:tiny.pt"
     with pytest.raises(EncoderError, match="file tiny.pt: pass its path with --pretrained"):
-        encoder_config(description)
+        encoder_config(spec)
     with pytest.raises(EncoderError, match="SHA-256 differs"):
-        encoder_config(description, pretrained=str(other))
-    assert encoder_config(description, pretrained=str(weights)).pretrained == str(weights)
+        encoder_config(spec, pretrained=str(other))
+    assert encoder_config(spec, pretrained=str(weights)).pretrained == str(weights)
 
 
 def test_cli_encodes_then_reports_cached_and_errors_in_one_line(store_copy, capsys):

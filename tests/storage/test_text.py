@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from storage import StoreError, open_store
+from storage.featureset import FeatureSetSpec
 from storage.text import missing_prompts, read_text_embeddings, text_key, write_text_embeddings
+
+SPEC = FeatureSetSpec(model="test-ViT-tiny", pretrained="none", image_size=(32, 32),
+                      patch_size=(16, 16), grid_size=(2, 2), resize="squash", mean=(0.5,) * 3,
+                      std=(0.5,) * 3, spatial_kind="maskclip", spatial_dim=4, global_dim=4,
+                      text_aligned=True)
 
 TEMPLATES = ("a photo of a {}.", "a {} in a scene.")
 
@@ -17,7 +23,7 @@ TEMPLATES = ("a photo of a {}.", "a {} in a scene.")
 def url_store():
     """A store opened by fsspec URL (in memory): nothing may assume a local path."""
     store = open_store(f"memory://{uuid.uuid4().hex}/store.zarr", mode="a")
-    featureset = store.register_featureset({"model": "test-ViT-tiny", "global_dim": 4})
+    featureset = store.register_featureset(SPEC)
     return store, featureset
 
 
@@ -50,7 +56,7 @@ def test_round_trip_in_a_store_opened_by_url(url_store):
         read_text_embeddings(reopened, featureset, ["chair", "sofa"], TEMPLATES)
     entry = reopened.root["featuresets"][featureset]["text"][text_key("chair", TEMPLATES)]
     assert entry.attrs["prompt"] == "chair" and entry.attrs["templates"] == list(TEMPLATES)
-    assert reopened.featuresets()[featureset] == {"model": "test-ViT-tiny", "global_dim": 4}
+    assert reopened.featuresets()[featureset] == SPEC  # the text entries leave the spec as it was
 
 
 def test_an_entry_whose_data_is_not_written_counts_as_missing(url_store):

@@ -12,16 +12,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from model.backbone import SparseUNet, SparseUNetConfig
+from model.network.backbone import SparseUNetConfig
+from model.network.backbones import DEFAULT_BACKBONE, build_backbone
 from model.batch import PointBatch
-from model.heads import mlp, semantic_head
-from model.instance import offset_head
+from model.network.heads import mlp, semantic_head
+from model.network.instance import offset_head
 
 
 @dataclass(frozen=True)
 class FusionConfig:
     """The fusion model.
 
+    backbone: the 3D backbone's settings (voxel size, widths per level, blocks, normalisation).
+    backbone_name: which backbone of model.network.backbones.BACKBONES is built from them.
     dim_2d: width of PointBatch.feat2d (768 for ViT-B tokens, 512 for MaskCLIP-style features).
     width: common width of the projected 3D, 2D and fused features.
     gate_hidden: hidden width of the gate MLP.
@@ -31,12 +34,13 @@ class FusionConfig:
     use_2d: False gives the pure-3D model (no 2D projection, no gate) for ablations.
     view_feature_clamp: fused features are clamped to [-c, c] before the per-view mean that the
         CLIP consistency loss compares, so one extreme point cannot dominate a view.
-    instance_head: add the "offset" head (model.instance): offsets to instance centres.
+    instance_head: add the "offset" head (model.network.instance): offsets to instance centres.
     point_embed: also return every point's CLIP-space embedding (ModelOutput.point_embed), which
         the per-point distillation loss compares with the point's 2D feature.
     """
 
     backbone: SparseUNetConfig = field(default_factory=SparseUNetConfig)
+    backbone_name: str = DEFAULT_BACKBONE
     dim_2d: int = 768
     width: int = 256
     gate_hidden: int = 128
@@ -98,13 +102,13 @@ def pool_views(features: Tensor, view_of_pair: Tensor, view_point_index: Tensor,
 
 class FusionModel(nn.Module):
     """PointBatch -> ModelOutput. Heads live in `heads` (a ModuleDict keyed by output name):
-    "semantic" and, with config.instance_head, "offset" (model.instance)."""
+    "semantic" and, with config.instance_head, "offset" (model.network.instance)."""
 
     def __init__(self, config: FusionConfig = FusionConfig()):
         super().__init__()
         self.config = config
         width = config.width
-        self.backbone = SparseUNet(config.backbone)
+        self.backbone = build_backbone(config.backbone_name, config.backbone)
         self.proj_3d = nn.Sequential(nn.Linear(config.backbone.out_channels, width),
                                      nn.LayerNorm(width))
         if config.use_2d:

@@ -22,7 +22,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from torch import Tensor
 
-from model.heads import mlp
+from model.network.heads import mlp
 
 
 def offset_head(in_channels: int, hidden: int) -> torch.nn.Sequential:

@@ -1,11 +1,19 @@
-"""ScanNet's label spaces in one place: NYU40 ids (what the label meshes hold) and the
-20 benchmark classes (what models predict), as in ScanNet's own benchmark scripts."""
+"""ScanNet's label spaces in one place: NYU40 ids (what the label meshes hold), the 20
+benchmark classes (what the store's `semantic` arrays and the models hold), as in ScanNet's own
+benchmark scripts, and the values that mean "none" in the store's label arrays."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from pipeline.scenes import IGNORE_INDEX
+IGNORE_INDEX = -100
+"""Semantic label of points outside ScanNet's 20 benchmark classes (torch's CE default)."""
+
+NO_INSTANCE = -1
+"""Instance id of points that belong to no annotated object."""
+
+NO_SEGMENT = -1
+"""Segment (superpoint) id of points whose segment is unknown."""
 
 NYU40_NAMES = (
     "unannotated", "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window",
@@ -39,4 +47,17 @@ def nyu40_to_scannet20(labels: np.ndarray) -> np.ndarray:
     known = (labels >= 0) & (labels < len(NYU40_NAMES))
     mapped = np.full(labels.shape, IGNORE_INDEX, dtype=np.int16)
     mapped[known] = _NYU40_TO_SCANNET20[labels[known].astype(np.intp)]
+    return mapped
+
+
+def scannet20_to_nyu40(classes: np.ndarray) -> np.ndarray:
+    """Map benchmark classes to NYU40 ids, as ScanNet's submission files hold them.
+
+    classes: any shape, integer benchmark classes (0..19; anything else, IGNORE_INDEX included,
+    counts as unlabelled). Returns the same shape, int64: VALID_CLASS_IDS[class], 0 elsewhere.
+    """
+    classes = np.asarray(classes)
+    known = (classes >= 0) & (classes < len(VALID_CLASS_IDS))
+    mapped = np.zeros(classes.shape, dtype=np.int64)
+    mapped[known] = np.asarray(VALID_CLASS_IDS)[classes[known].astype(np.intp)]
     return mapped

@@ -1,19 +1,26 @@
 """A sparse-voxel 3D U-Net in pure PyTorch: points -> voxels -> U-Net -> per-point features.
 
 No spconv or MinkowskiEngine: active voxels are found through a sorted table of int64 keys of
-their (batch, x, y, z) coordinates, and `torch.searchsorted` looks up the 27 neighbours of every
-voxel. A submanifold 3x3x3 convolution gathers the neighbours' features into one
-(N, 27 * C_in) matrix (missing neighbours read a zero row) and multiplies it by the
-(27 * C_in, C_out) weight, so it computes outputs at active voxels only and equals a dense
+their (batch, x, y, z) coordinates, and `torch.searchsorted` finds each voxel's active
+neighbours. Every convolution is computed over active (input, output) voxel pairs only, grouped
+by kernel offset in a `KernelMap` (MinkowskiEngine's "kernel map", spconv's "indice pairs"): for
+each offset, gather the inputs' rows, multiply by that offset's (C_in, C_out) weight, and
+scatter-add into the outputs' rows. A submanifold 3x3x3 convolution thus computes outputs at
+active voxels only, reads inactive neighbours as zero, and equals a dense
 `nn.Conv3d(padding=1)` there. Down-sampling is a 2x2x2 stride-2 convolution over each coarse
-voxel's (up to 8) children, up-sampling its transpose.
+voxel's active children, up-sampling its transpose. The maps are built once per level and
+shared by all of that level's convolutions.
 
-Cost: a submanifold convolution takes N x 27 x C_in x C_out multiply-adds forward and twice
-that backward, with a transient (N, 27, C_in) gathered matrix (recomputed in backward, not
-stored), so time and memory grow with active voxels x 27; level l has about N / 4^l voxels on
-surface-like scenes, so the finest level dominates. Measured on 2 CPU cores, default config:
-20k points (15k voxels) take ~0.75 s forward, ~2 s forward + backward (~10k points/s); 100k
-points (35k voxels) ~3.9 s. A spconv or MinkowskiEngine backend would implement the same
+Cost: a submanifold convolution takes P x C_in x C_out multiply-adds forward and twice that
+backward, P the active pairs: N (the centre) plus N x the mean number of active neighbours,
+about 8 on a room surface at 2 cm, so P is about 9 N where a gather over all neighbours takes
+27 N. Transient memory is one offset's gathered (P_k, C_in) rows and (P_k, C_out) product at a
+time (nothing gathered is stored for backward). Level l has about N / 4^l voxels on
+surface-like scenes, so the finest level dominates. Measured (`python -m benchmarks.backbone`,
+BENCHMARKS.md; 2 CPU cores shared with other work): forward + backward of the default config on
+100k voxels of a synthetic room took 5.5 CPU-seconds on one thread against 18.1 for the
+all-27-neighbours gather (3.3x), and its memory peaked 0.7 GB above the process against 1.7 GB;
+BENCHMARKS.md has the wall times and how a busy CPU's thread scheduling bears on them. A spconv or MinkowskiEngine backend would implement the same
 `SparseUNet.forward_voxels(coords, feats) -> feats` interface.
 """
 
@@ -112,67 +119,165 @@ def decode_keys(keys: Tensor, extent: int) -> Tensor:
     return torch.stack([keys // extent**3, x, y, z], dim=1)
 
 
-def neighbour_index(coords: Tensor, extent: int) -> Tensor:
-    """Rows of the 27 neighbours of each active voxel, -1 where the neighbour is inactive.
+@dataclass(frozen=True)
+class KernelMap:
+    """The active (input row, output row) pairs of a sparse convolution, grouped by kernel slot.
 
-    coords: (N, 4) int64 sorted by key (as `voxelize` and `downsample_map` return them).
-    Returns (N, 27) int64, neighbour k at offset NEIGHBOUR_OFFSETS[k].
+    Slot k computes out[outputs[k]] += feats[inputs[k]] @ weight[k]; inputs[k] and outputs[k]
+    are (P_k,) int64, both ascending. A row appears at most once in each slot's inputs and at
+    most once in its outputs, so no two terms of one slot's scatter-add land on the same row
+    (deterministic on every device, whatever the scatter kernel). `identity`: a slot that pairs
+    every row with itself (the submanifold convolution's centre), computed as one matmul; its
+    lists are empty. num_inputs, num_outputs: rows of the input and output feature matrices.
+    """
+
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    num_inputs: int
+    num_outputs: int
+    identity: int | None = None
+
+    def transpose(self) -> KernelMap:
+        """The map of the transposed convolution: every pair reversed, slot by slot."""
+        return KernelMap(self.outputs, self.inputs, self.num_outputs, self.num_inputs,
+                         self.identity)
+
+
+CENTRE = 13
+"""Slot of NEIGHBOUR_OFFSETS[13] = (0, 0, 0) in a submanifold kernel."""
+
+
+def submanifold_map(coords: Tensor, extent: int) -> KernelMap:
+    """Active neighbour pairs of a submanifold 3x3x3 convolution over one voxel set.
+
+    coords: (N, 4) int64 unique, sorted by key (as `voxelize` and `downsample_map` return them).
+    Slot k pairs each voxel (output) with its active neighbour at NEIGHBOUR_OFFSETS[k] (input);
+    slot CENTRE is the identity. Offsets k and 26 - k are opposite, so slot 26 - k holds slot
+    k's pairs reversed: only 13 offsets are searched. Keys are linear in the coordinates and
+    sorted, so the neighbours at z - 1, z, z + 1 of one (x + dx, y + dy) column sit in
+    consecutive rows: one `searchsorted` per column finds all three.
     """
     keys = voxel_keys(coords, extent)
-    offsets = NEIGHBOUR_OFFSETS.to(coords.device)
-    deltas = (offsets[:, 0] * extent + offsets[:, 1]) * extent + offsets[:, 2]
-    queries = keys[:, None] + deltas[None, :]
-    rows = torch.searchsorted(keys, queries).clamp_max(max(len(keys) - 1, 0))
-    return torch.where(keys[rows] == queries, rows, -1)
+    rows = torch.arange(len(keys), device=keys.device)
+    padded = torch.cat([keys, keys.new_full((1,), -1)])  # -1 is no voxel's key (coords >= 0)
+    inputs: list[Tensor] = [rows[:0]] * 27
+    outputs: list[Tensor] = [rows[:0]] * 27
+
+    def add(slot: int, found: Tensor, neighbour: Tensor) -> None:
+        voxel = found.nonzero().squeeze(1)
+        inputs[slot], outputs[slot] = neighbour[voxel], voxel
+        inputs[26 - slot], outputs[26 - slot] = voxel, neighbour[voxel]
+
+    for dx, dy in ((-1, -1), (-1, 0), (-1, 1), (0, -1)):
+        below = keys + (dx * extent + dy) * extent - 1  # key of (x + dx, y + dy, z - 1)
+        position = torch.searchsorted(keys, below)
+        for dz in (-1, 0, 1):
+            found = padded[position] == below + (dz + 1)
+            add(9 * (dx + 1) + 3 * (dy + 1) + dz + 1, found, position)
+            position = position + found
+    add(CENTRE - 1, padded[rows - 1] == keys - 1, rows - 1)  # (0, 0, -1): the previous row
+    return KernelMap(tuple(inputs), tuple(outputs), len(keys), len(keys), identity=CENTRE)
 
 
-def downsample_map(coords: Tensor, extent: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Parents of active voxels one level coarser (voxel edge x2).
+def downsample_map(coords: Tensor, extent: int) -> tuple[Tensor, KernelMap]:
+    """Parents of active voxels one level coarser (voxel edge x2), and the stride-2 kernel map.
 
-    coords: (N, 4) int64 (batch, x, y, z), x, y, z >= 0. Returns coarse coords (Nc, 4) int64
-    sorted by key; parent: (N,) int64 row of each voxel's parent; child_slot: (N,) int64 in
-    [0, 8), the position inside the parent in a dense 2x2x2 kernel's flattened order.
+    coords: (N, 4) int64 (batch, x, y, z), x, y, z >= 0, sorted by key. Returns coarse coords
+    (Nc, 4) int64 sorted by key, and a map whose slot s (a dense 2x2x2 kernel's flattened
+    (kx, ky, kz) index, s = 4 (x % 2) + 2 (y % 2) + z % 2) pairs each voxel in that position
+    (input) with its parent (output). Its transpose is the up-sampling map.
     """
     coarse = torch.cat([coords[:, :1], coords[:, 1:] // 2], dim=1)
     keys, parent = torch.unique(voxel_keys(coarse, extent), return_inverse=True)
     odd = coords[:, 1:] % 2
     child_slot = odd[:, 0] * 4 + odd[:, 1] * 2 + odd[:, 2]
-    return decode_keys(keys, extent), parent, child_slot
+    order = torch.argsort(child_slot, stable=True)
+    children = order.split(torch.bincount(child_slot, minlength=8).tolist())
+    kernel_map = KernelMap(children, tuple(parent[rows] for rows in children), len(coords),
+                           len(keys))
+    return decode_keys(keys, extent), kernel_map
 
 
-def _gather_rows(feats: Tensor, rows: Tensor) -> Tensor:
-    """(N, C) feats, (N * 27,) rows in [0, N] with N for a missing neighbour -> (N, 27 * C)."""
-    padded = torch.cat([feats, feats.new_zeros(1, feats.shape[1])])
-    return padded.index_select(0, rows).reshape(feats.shape[0], -1)
+def _add_rows(out: Tensor, rows: Tensor, values: Tensor) -> None:
+    """out[rows] += values in place; rows: (P,) distinct (one kernel slot's outputs or inputs).
+
+    CUDA: index_add_, whose atomic adds give one result whatever their order since no two hit
+    one row (under torch.use_deterministic_algorithms PyTorch swaps in its sorted kernel). CPU:
+    index_put_ with accumulate, a serial loop: index_add_ (parallel scatter_add_) took the same
+    time on one thread and twice as long on 2 cores busy with other work (measured).
+    """
+    if out.is_cuda:
+        out.index_add_(0, rows, values)
+    else:
+        out.index_put_((rows,), values, accumulate=True)
 
 
-class _SubmanifoldConvFunction(torch.autograd.Function):
-    """out = gather(feats) @ weight, with a backward that gathers instead of scattering.
+def _apply_map(feats: Tensor, weight: Tensor, kernel_map: KernelMap) -> Tensor:
+    """(num_inputs, C_in) feats, (K, C_in, C_out) weight -> (num_outputs, C_out)."""
+    if kernel_map.identity is None:
+        out = feats.new_zeros(kernel_map.num_outputs, weight.shape[2])
+    else:
+        out = feats @ weight[kernel_map.identity]
+    for slot, (inputs, outputs) in enumerate(zip(kernel_map.inputs, kernel_map.outputs)):
+        if len(inputs):
+            _add_rows(out, outputs, feats.index_select(0, inputs) @ weight[slot])
+    return out
 
-    Neighbour k of voxel j is i exactly when neighbour 26 - k of i is j (opposite offsets), so
-    the input gradient is the same gather applied to grad_out, times the flipped, transposed
-    weight: no scatter-add, and the (N, 27, C_in) gathered input is recomputed, not stored.
+
+class _SparseConvFunction(torch.autograd.Function):
+    """out = sum over slots of scatter(gather(feats) @ weight[slot]), gathers recomputed in
+    backward (only feats and weight are stored).
+
+    The input gradient is the same computation over the transposed map with each slot's weight
+    transposed; the weight gradient of a slot is its gathered inputs^T @ its gathered grad_out.
     """
 
     @staticmethod
-    def forward(ctx, feats: Tensor, weight: Tensor, rows: Tensor) -> Tensor:
-        ctx.save_for_backward(feats, weight, rows)
-        return _gather_rows(feats, rows) @ weight.reshape(-1, weight.shape[2])
+    def forward(ctx, feats: Tensor, weight: Tensor, kernel_map: KernelMap) -> Tensor:
+        ctx.save_for_backward(feats, weight)
+        ctx.kernel_map = kernel_map
+        return _apply_map(feats, weight, kernel_map)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        feats, weight, rows = ctx.saved_tensors
-        grad_feats = grad_weight = None
+        feats, weight = ctx.saved_tensors
+        kernel_map: KernelMap = ctx.kernel_map
+        feats_dtype, weight_dtype = feats.dtype, weight.dtype
         grad_out = grad_out.contiguous()
-        if ctx.needs_input_grad[0]:
-            flipped = weight.flip(0).transpose(1, 2).reshape(-1, weight.shape[1])
-            grad_feats = _gather_rows(grad_out, rows) @ flipped.to(grad_out.dtype)
-            grad_feats = grad_feats.to(feats.dtype)
-        if ctx.needs_input_grad[1]:
-            gathered = _gather_rows(feats, rows).to(grad_out.dtype)
-            grad_weight = (gathered.T @ grad_out).reshape(weight.shape).to(weight.dtype)
-        return grad_feats, grad_weight, None
+        feats, weight = feats.to(grad_out.dtype), weight.to(grad_out.dtype)
+        need_feats, need_weight = ctx.needs_input_grad[:2]
+        grad_feats = grad_weight = None
+        if need_feats:
+            if kernel_map.identity is None:
+                grad_feats = grad_out.new_zeros(kernel_map.num_inputs, weight.shape[1])
+            else:
+                grad_feats = grad_out @ weight[kernel_map.identity].T
+        if need_weight:
+            grad_weight = torch.zeros_like(weight)
+            if kernel_map.identity is not None:
+                grad_weight[kernel_map.identity] = feats.T @ grad_out
+        for slot, (inputs, outputs) in enumerate(zip(kernel_map.inputs, kernel_map.outputs)):
+            if not len(inputs):
+                continue
+            grad_rows = grad_out.index_select(0, outputs)
+            if need_feats:
+                _add_rows(grad_feats, inputs, grad_rows @ weight[slot].T)
+            if need_weight:
+                grad_weight[slot] = feats.index_select(0, inputs).T @ grad_rows
+        return (None if grad_feats is None else grad_feats.to(feats_dtype),
+                None if grad_weight is None else grad_weight.to(weight_dtype), None)
+
+
+def sparse_conv(feats: Tensor, weight: Tensor, kernel_map: KernelMap) -> Tensor:
+    """feats: (num_inputs, C_in); weight: (K, C_in, C_out), K the map's slots -> (num_outputs,
+    C_out): each slot's active pairs only."""
+    if torch.is_autocast_enabled(feats.device.type):
+        # The Function's backward runs outside autocast: cast here, as autocast would for a
+        # matmul, so forward and backward compute in one dtype.
+        dtype = torch.get_autocast_dtype(feats.device.type)
+        feats, weight = feats.to(dtype), weight.to(dtype)
+    return _SparseConvFunction.apply(feats, weight, kernel_map)
 
 
 class SubmanifoldConv3d(nn.Module):
@@ -188,16 +293,9 @@ class SubmanifoldConv3d(nn.Module):
                                    * math.sqrt(2.0 / (27 * in_channels)))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
 
-    def forward(self, feats: Tensor, neighbours: Tensor) -> Tensor:
-        """feats: (N, C_in); neighbours: (N, 27) int64 from `neighbour_index`. -> (N, C_out)."""
-        weight = self.weight
-        if torch.is_autocast_enabled(feats.device.type):
-            # The Function's backward runs outside autocast: cast here, as autocast would for a
-            # matmul, so forward and backward compute in one dtype.
-            dtype = torch.get_autocast_dtype(feats.device.type)
-            feats, weight = feats.to(dtype), weight.to(dtype)
-        rows = torch.where(neighbours < 0, feats.shape[0], neighbours).reshape(-1)
-        out = _SubmanifoldConvFunction.apply(feats, weight, rows)
+    def forward(self, feats: Tensor, kernel_map: KernelMap) -> Tensor:
+        """feats: (N, C_in); kernel_map: from `submanifold_map`. -> (N, C_out)."""
+        out = sparse_conv(feats, self.weight, kernel_map)
         return out if self.bias is None else out + self.bias
 
 
@@ -212,11 +310,9 @@ class DownConv3d(nn.Module):
         self.weight = nn.Parameter(torch.randn(8, in_channels, out_channels)
                                    * math.sqrt(2.0 / (8 * in_channels)))
 
-    def forward(self, feats: Tensor, parent: Tensor, child_slot: Tensor, num_coarse: int) -> Tensor:
-        """feats: (N, C_in) fine; parent, child_slot: (N,) from `downsample_map`. -> (Nc, C_out)."""
-        slots = feats.new_zeros(num_coarse * 8, feats.shape[1])
-        slots = slots.index_copy(0, parent * 8 + child_slot, feats)
-        return slots.reshape(num_coarse, -1) @ self.weight.reshape(-1, self.weight.shape[2])
+    def forward(self, feats: Tensor, kernel_map: KernelMap) -> Tensor:
+        """feats: (N, C_in) fine; kernel_map: from `downsample_map`. -> (Nc, C_out)."""
+        return sparse_conv(feats, self.weight, kernel_map)
 
 
 class UpConv3d(nn.Module):
@@ -231,11 +327,10 @@ class UpConv3d(nn.Module):
         self.weight = nn.Parameter(torch.randn(8, in_channels, out_channels)
                                    * math.sqrt(2.0 / in_channels))
 
-    def forward(self, coarse_feats: Tensor, parent: Tensor, child_slot: Tensor) -> Tensor:
-        """coarse_feats: (Nc, C_in); parent, child_slot: (N,). -> (N, C_out) at the children."""
-        out_channels = self.weight.shape[2]
-        per_slot = coarse_feats @ self.weight.permute(1, 0, 2).reshape(coarse_feats.shape[1], -1)
-        return per_slot.reshape(-1, 8, out_channels)[parent, child_slot]
+    def forward(self, coarse_feats: Tensor, kernel_map: KernelMap) -> Tensor:
+        """coarse_feats: (Nc, C_in); kernel_map: the down-sampling map from `downsample_map`.
+        -> (N, C_out) at the children."""
+        return sparse_conv(coarse_feats, self.weight, kernel_map.transpose())
 
 
 def _norm(channels: int, kind: str) -> nn.Module:
@@ -254,9 +349,9 @@ class ResidualBlock(nn.Module):
         self.shortcut = (nn.Identity() if in_channels == out_channels
                          else nn.Linear(in_channels, out_channels, bias=False))
 
-    def forward(self, feats: Tensor, neighbours: Tensor) -> Tensor:
-        hidden = torch.relu(self.norm1(self.conv1(feats, neighbours)))
-        return torch.relu(self.norm2(self.conv2(hidden, neighbours)) + self.shortcut(feats))
+    def forward(self, feats: Tensor, kernel_map: KernelMap) -> Tensor:
+        hidden = torch.relu(self.norm1(self.conv1(feats, kernel_map)))
+        return torch.relu(self.norm2(self.conv2(hidden, kernel_map)) + self.shortcut(feats))
 
 
 class SparseUNet(nn.Module):
@@ -313,14 +408,12 @@ class SparseUNet(nn.Module):
         Returns (N, out_channels). The interface an spconv/MinkowskiEngine backend would match.
         """
         extent = grid_extent(coords)
-        neighbours = [neighbour_index(coords, extent)]
-        parents, slots, sizes = [], [], []
+        neighbours = [submanifold_map(coords, extent)]
+        strides = []
         for _ in range(len(self.config.channels) - 1):
-            coords, parent, child_slot = downsample_map(coords, extent)
-            neighbours.append(neighbour_index(coords, extent))
-            parents.append(parent)
-            slots.append(child_slot)
-            sizes.append(len(coords))
+            coords, stride = downsample_map(coords, extent)
+            neighbours.append(submanifold_map(coords, extent))
+            strides.append(stride)
 
         feats = torch.relu(self.stem_norm(self.stem(feats, neighbours[0])))
         skips = []
@@ -329,10 +422,9 @@ class SparseUNet(nn.Module):
                 feats = block(feats, neighbours[level])
             if level < len(self.down):
                 skips.append(feats)
-                coarse = self.down[level](feats, parents[level], slots[level], sizes[level])
-                feats = torch.relu(self.down_norm[level](coarse))
+                feats = torch.relu(self.down_norm[level](self.down[level](feats, strides[level])))
         for level in reversed(range(len(self.up))):
-            up = self.up[level](feats, parents[level], slots[level])
+            up = self.up[level](feats, strides[level])
             feats = torch.cat([torch.relu(self.up_norm[level](up)), skips[level]], dim=1)
             for block in self.decoder[level]:
                 feats = block(feats, neighbours[level])
