@@ -8,11 +8,14 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.readme import command, typed
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.timeout(900)  # every row: ~3 minutes on a quiet 2-core machine, CI is shared
 def test_quick_benchmark_writes_every_row(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home")}
