@@ -5,6 +5,7 @@ an S3 endpoint where nothing listens."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 
@@ -69,8 +70,8 @@ def closed_port() -> int:
 def test_an_s3_client_that_cannot_start_is_one_line(options, expected, tmp_path):
     """A fresh machine: no AWS credentials in the environment, no ~/.aws; a profile that does
     not exist; an endpoint that is no URL. Each command says so in one line."""
-    env = {name: None for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE",
-                                   "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN")}
+    env = {name: None for name in os.environ if name.startswith("AWS_")}  # no credentials,
+    # config or credentials files, container or web-identity providers this machine may have
     env.update(HOME=str(tmp_path), AWS_DEFAULT_REGION="us-east-1",
                AWS_EC2_METADATA_DISABLED="true")  # no instance-metadata lookup for credentials
     commands = [["storage.inspect", "s3://features/store.zarr"]]
